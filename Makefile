@@ -1,0 +1,39 @@
+# kiln: the commands the README names. Each target installs what it needs (scripts/setup.sh).
+SHELL := /bin/bash
+VENV := .venv
+PY := $(VENV)/bin/python
+KILN := $(VENV)/bin/kiln
+PYTEST_ARGS ?=
+
+.PHONY: setup generate check-generated build-engines serve test test-unit test-integration lint clean
+
+setup:  ## create .venv and install kiln with every extra, Debian packages included
+	@scripts/setup.sh
+
+generate: setup  ## write model_repository/*/config.pbtxt from the spec
+	$(KILN) generate
+
+check-generated: setup  ## fail when a committed config.pbtxt differs from the spec
+	$(KILN) generate --check
+
+build-engines: setup  ## train/export/check every model and publish it into model_repository/
+	$(KILN) build
+
+serve: build-engines  ## the main job: build, then serve on the embedded Triton and show a prediction
+	$(KILN) serve --demo
+
+test: build-engines  ## the whole suite: unit tests, then integration tests on a real tritonserver
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-unit: setup
+	$(PY) -m pytest tests/unit $(PYTEST_ARGS)
+
+test-integration: build-engines
+	$(PY) -m pytest tests/integration $(PYTEST_ARGS)
+
+lint: setup
+	$(VENV)/bin/ruff check kiln build backends clients tests
+
+clean:  ## remove build outputs (not the virtual environment)
+	rm -rf artifacts .setuptools-build
+	find model_repository -mindepth 2 -not -name config.pbtxt -delete 2>/dev/null || true

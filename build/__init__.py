@@ -1,0 +1,1 @@
+"""The build pipeline: one module per stage (source, export, check, publish)."""

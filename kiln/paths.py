@@ -1,0 +1,36 @@
+"""Where kiln's folders are, resolved once from the source tree (no magic paths elsewhere).
+
+Every location can be overridden through the environment, so an installed kiln can point at a
+checkout or a deployment's own folders.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+ROOT = Path(os.environ.get("KILN_ROOT", Path(__file__).resolve().parent.parent))
+"""The project root: the folder holding `kiln/`, `build/`, `backends/` and `model_repository/`."""
+
+
+def backends_dir() -> Path:
+    """Folder of kiln's Python-based Triton backends, one sub-folder each."""
+    return Path(os.environ.get("KILN_BACKENDS", ROOT / "backends"))
+
+
+def model_repository() -> Path:
+    """The Triton model repository the generator writes and the server serves."""
+    return Path(os.environ.get("KILN_MODEL_REPOSITORY", ROOT / "model_repository"))
+
+
+def artifacts_dir() -> Path:
+    """The build pipeline's working folder: checkpoints, exported models, manifests."""
+    return Path(os.environ.get("KILN_ARTIFACTS", ROOT / "artifacts"))
+
+
+def available_backends() -> tuple[str, ...]:
+    """Names of the backends in `backends_dir()` (folders holding a `model.py`)."""
+    root = backends_dir()
+    if not root.is_dir():
+        return ()
+    return tuple(sorted(p.name for p in root.iterdir() if (p / "model.py").is_file()))
