@@ -1,0 +1,141 @@
+"""The typed spec's validator: every invalid field is named, with the allowed range and the value."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+from kiln.build.specs import SPECS, by_name
+
+from kiln.spec import (
+    DigitsCNNSource,
+    DynamicBatching,
+    InstanceGroup,
+    SpecError,
+    TensorSpec,
+    Tolerance,
+    Warmup,
+    validate,
+)
+
+BACKENDS = ("kiln_onnx",)
+DIGITS = by_name("digits")
+
+
+def problems_of(*specs) -> tuple[str, ...]:
+    with pytest.raises(SpecError) as caught:
+        validate(specs, BACKENDS)
+    return caught.value.problems
+
+
+def test_committed_specs_are_valid() -> None:
+    validate(SPECS, BACKENDS)
+
+
+def test_by_name_lists_known_models_when_missing() -> None:
+    with pytest.raises(KeyError, match="known: digits"):
+        by_name("nope")
+
+
+@pytest.mark.parametrize(
+    ("change", "expected"),
+    [
+        ({"name": "../etc"}, "field 'name' must be one path segment"),
+        ({"name": ".."}, "got '..'"),
+        ({"name": "a/b"}, "got 'a/b'"),
+        ({"backend": "kiln_tf"}, "field 'backend' must be one of kiln_onnx, got 'kiln_tf'"),
+        ({"max_batch_size": -1}, "field 'max_batch_size' must be an integer >= 0, got -1"),
+        ({"inputs": ()}, "field 'inputs' must list at least one tensor, got none"),
+        (
+            {"inputs": (TensorSpec("pixels", "FLOAT", (1, 8, 8)),)},
+            "field 'inputs[0].dtype' must be one of BOOL, UINT8",
+        ),
+        (
+            {"inputs": (TensorSpec("pixels", "FP32", (1, 0, 8)),)},
+            "field 'inputs[0].dims' must be a non-empty tuple of sizes >= 1 or -1",
+        ),
+        (
+            {"outputs": (TensorSpec("a", "FP32", (1,)), TensorSpec("a", "FP32", (1,)))},
+            "field 'outputs[1].name' repeats the name 'a'",
+        ),
+        (
+            {"dynamic_batching": DynamicBatching(preferred_batch_sizes=(8, 128))},
+            "'dynamic_batching.preferred_batch_sizes' must hold sizes in 1..64 (max_batch_size), "
+            "got (8, 128)",
+        ),
+        (
+            {"dynamic_batching": DynamicBatching(preferred_batch_sizes=(32, 16))},
+            "must be strictly ascending, got (32, 16)",
+        ),
+        (
+            {"dynamic_batching": DynamicBatching(max_queue_delay_us=-5)},
+            "'dynamic_batching.max_queue_delay_us' must be in 0..10000000, got -5",
+        ),
+        (
+            {"instance_groups": (InstanceGroup(kind="TPU"),)},
+            "'instance_groups[0].kind' must be one of CPU, GPU, AUTO, got 'TPU'",
+        ),
+        ({"instance_groups": (InstanceGroup(count=0),)}, "'instance_groups[0].count' must be"),
+        (
+            {"instance_groups": (InstanceGroup(kind="CPU", gpus=(0,)),)},
+            "'instance_groups[0].gpus' is only allowed with kind 'GPU'",
+        ),
+        ({"warmup": (Warmup(batch_size=65),)}, "'warmup[0].batch_size' must be in 1..64, got 65"),
+        ({"warmup": (Warmup(data="ones"),)}, "'warmup[0].data' must be one of zero, random"),
+        (
+            {"parameters": {"intra_op_threads": "many"}},
+            "parameter 'intra_op_threads' must be an integer >= 0, got 'many'",
+        ),
+        (
+            {"parameters": {"intra_threads": "1"}},
+            "unknown parameter 'intra_threads'; allowed: execution_providers",
+        ),
+        (
+            {"parameters": {"execution_providers": "CPUExecutionProvider,TPUProvider"}},
+            "parameter 'execution_providers' must be a comma-separated list of",
+        ),
+    ],
+)
+def test_invalid_field_is_named(change: dict, expected: str) -> None:
+    problems = problems_of(dataclasses.replace(DIGITS, **change))
+    assert any(expected in p for p in problems), problems
+
+
+def test_dynamic_batching_needs_a_batch_dim() -> None:
+    spec = dataclasses.replace(DIGITS, max_batch_size=0, warmup=())
+    (problem,) = problems_of(spec)
+    assert "field 'dynamic_batching' needs max_batch_size >= 1, got max_batch_size 0" in problem
+
+
+def test_warmup_needs_fixed_dims() -> None:
+    spec = dataclasses.replace(DIGITS, inputs=(TensorSpec("pixels", "FP32", (1, -1, 8)),))
+    assert any("needs fixed input dims; input(s) pixels have a -1 dim" in p for p in problems_of(spec))
+
+
+@pytest.mark.parametrize(
+    ("build_change", "expected"),
+    [
+        ({"tolerance": Tolerance(atol=-1.0)}, "'build.tolerance.atol' must be a finite number >= 0"),
+        ({"tolerance": Tolerance(rtol=float("nan"))}, "'build.tolerance.rtol' must be a finite"),
+        ({"opset": 9}, "'build.opset' must be in 13..21, got 9"),
+        ({"min_accuracy": 1.5}, "'build.min_accuracy' must be in 0..1, got 1.5"),
+        ({"source": DigitsCNNSource(test_fraction=1.0)}, "'build.source.test_fraction' must be in"),
+        ({"source": DigitsCNNSource(epochs=0)}, "'build.source.epochs' must be an integer >= 1"),
+        ({"source": "resnet"}, "'build.source' must be one of DigitsCNNSource, got str"),
+    ],
+)
+def test_invalid_build_field_is_named(build_change: dict, expected: str) -> None:
+    spec = dataclasses.replace(DIGITS, build=dataclasses.replace(DIGITS.build, **build_change))
+    assert any(expected in p for p in problems_of(spec))
+
+
+def test_every_problem_is_reported_at_once() -> None:
+    spec = dataclasses.replace(DIGITS, max_batch_size=-3, backend="x", instance_groups=())
+    problems = problems_of(spec)
+    assert len(problems) >= 3
+    assert "3 problem(s)" in str(SpecError(problems[:3]))
+
+
+def test_duplicate_model_names_are_rejected() -> None:
+    problems = problems_of(DIGITS, DIGITS)
+    assert problems == ("model 'digits': field 'name' repeats another model's name",)
