@@ -1,0 +1,72 @@
+"""The repository generator: committed configs equal its output; configs go through the schema."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+from google.protobuf import text_format
+from kiln.build.specs import SPECS, by_name
+from tritonclient.grpc import model_config_pb2
+
+from kiln import paths
+from kiln.repository import generate, model_config, render, stale
+from kiln.spec import DynamicBatching, SpecError
+
+DIGITS = by_name("digits")
+
+
+def test_committed_repository_matches_the_generator() -> None:
+    problems = stale(SPECS, paths.model_repository())
+    assert problems == [], "run `make generate` and commit:\n" + "\n".join(problems)
+
+
+def test_rendered_config_parses_back_to_the_spec() -> None:
+    parsed = text_format.Parse(render(DIGITS), model_config_pb2.ModelConfig())
+    assert parsed.name == "digits"
+    assert parsed.backend == "kiln_onnx"
+    assert parsed.max_batch_size == 64
+    assert [(i.name, list(i.dims)) for i in parsed.input] == [("pixels", [1, 8, 8])]
+    assert parsed.input[0].data_type == model_config_pb2.TYPE_FP32
+    assert [(o.name, list(o.dims)) for o in parsed.output] == [("logits", [10])]
+    assert list(parsed.dynamic_batching.preferred_batch_size) == [16, 32, 64]
+    assert parsed.dynamic_batching.max_queue_delay_microseconds == 500
+    assert parsed.instance_group[0].kind == model_config_pb2.ModelInstanceGroup.KIND_CPU
+    assert parsed.parameters["intra_op_threads"].string_value == "1"
+    assert parsed.model_warmup[0].inputs["pixels"].zero_data is True
+
+
+def test_ngc_target_uses_the_native_onnxruntime_platform() -> None:
+    config = model_config(DIGITS, "ngc")
+    assert config.platform == "onnxruntime_onnx"
+    assert config.backend == ""
+    assert config.default_model_filename == "model.onnx"
+    assert set(config.parameters) == {"intra_op_thread_count", "inter_op_thread_count"}
+
+
+def test_unknown_target_is_rejected() -> None:
+    with pytest.raises(ValueError, match="target must be one of embedded, ngc, got 'k8s'"):
+        render(DIGITS, "k8s")
+
+
+def test_generate_writes_configs_and_stale_detects_drift(tmp_path: Path) -> None:
+    (written,) = generate([DIGITS], tmp_path, backends=("kiln_onnx",))
+    assert written == tmp_path / "digits" / "config.pbtxt"
+    assert stale([DIGITS], tmp_path) == []
+
+    changed = dataclasses.replace(DIGITS, dynamic_batching=DynamicBatching(max_queue_delay_us=7))
+    (diff,) = stale([changed], tmp_path)
+    assert "-  max_queue_delay_microseconds: 500" in diff
+    assert "+  max_queue_delay_microseconds: 7" in diff
+
+    (tmp_path / "orphan").mkdir()
+    (tmp_path / "orphan" / "config.pbtxt").write_text('name: "orphan"\n')
+    assert any("no spec declares model 'orphan'" in p for p in stale([DIGITS], tmp_path))
+
+
+def test_invalid_spec_writes_nothing(tmp_path: Path) -> None:
+    bad = dataclasses.replace(DIGITS, name="other", max_batch_size=-1)
+    with pytest.raises(SpecError, match="max_batch_size"):
+        generate([DIGITS, bad], tmp_path, backends=("kiln_onnx",))
+    assert list(tmp_path.iterdir()) == []
