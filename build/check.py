@@ -1,0 +1,371 @@
+"""Check stage: an exported artifact must compute what the PyTorch model computes.
+
+The exported model runs the way `kiln_onnx` serves it (`OnnxModel.load` with the spec's config and
+parameters, so the server's load check runs here too) on held-out inputs, in batches of the
+model's `max_batch_size` (which also exercises the symbolic batch dim), and every output element
+must satisfy |candidate - reference| <= atol + rtol * |reference| (the spec's `Tolerance`).
+
+`compare` and `assert_close` are generic over named output tensors: the later FP16/INT8 variants
+and TensorRT engines are checked with the same helpers, against the same reference outputs.
+
+Only numpy is imported at module level: `BuildError` lives here and the CLI imports it without
+the build extra.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from kiln.spec import ModelSpec, Tolerance
+
+if TYPE_CHECKING:
+    import torch
+
+    from kiln.serving.onnx import OnnxModel
+
+LATENCY_WARMUP_RUNS = 5
+"""Untimed runs before the latency measurement (first runs allocate and pick kernels)."""
+LATENCY_RUNS = 25
+"""Timed single-item runs; the reported latency is their median."""
+UNBATCHED_CHUNK = 1
+"""Items per run for a model without a batch dim (max_batch_size 0)."""
+KILN_ONNX = "kiln_onnx"
+"""The backend whose loader (`kiln.serving.onnx.OnnxModel.load`) the check runs artifacts through."""
+
+
+class BuildError(RuntimeError):
+    """A build stage failed; the message names the model and the stage.
+
+    Attributes:
+        model: The model's name.
+        stage: The stage that failed ("train", "export", "check", "publish", ...).
+    """
+
+    def __init__(self, model: str, stage: str, message: str) -> None:
+        self.model = model
+        self.stage = stage
+        super().__init__(f"model '{model}', stage '{stage}': {message}")
+
+
+class CheckError(BuildError):
+    """An artifact's outputs differ from the reference's beyond the spec's tolerance."""
+
+    def __init__(self, model: str, message: str, stage: str = "check") -> None:
+        super().__init__(model, stage, message)
+
+
+@dataclass(frozen=True)
+class HeldOut:
+    """Held-out data a source stage provides for checking and scoring its model.
+
+    Attributes:
+        inputs: One batch-first array per model input, in the order of `spec.inputs`.
+        metric: The metric's name, e.g. "test accuracy".
+        score: Maps the model's outputs on `inputs` (in the order of `spec.outputs`) to the metric;
+            the same function scores PyTorch, ONNX Runtime and any later variant.
+    """
+
+    inputs: tuple[np.ndarray, ...]
+    metric: str
+    score: Callable[[Sequence[np.ndarray]], float]
+
+    @property
+    def size(self) -> int:
+        """Number of held-out items."""
+        return int(self.inputs[0].shape[0])
+
+
+@dataclass(frozen=True)
+class TensorDiff:
+    """How one output tensor of a candidate differs from the reference.
+
+    Attributes:
+        name: Output tensor name.
+        max_abs: Largest |candidate - reference|.
+        max_rel: Largest |candidate - reference| / |reference| (inf where the reference is 0 and
+            the candidate is not).
+        worst_ratio: Largest |candidate - reference| / (atol + rtol * |reference|); above 1 means
+            out of tolerance (inf for a NaN or where atol and rtol*|reference| are both 0).
+        worst_item: Batch item holding the element with `worst_ratio`.
+        violations: Elements out of tolerance.
+        elements: Elements compared.
+    """
+
+    name: str
+    max_abs: float
+    max_rel: float
+    worst_ratio: float
+    worst_item: int
+    violations: int
+    elements: int
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """Every output tensor's difference, and the verdict under one tolerance."""
+
+    tolerance: Tolerance
+    tensors: tuple[TensorDiff, ...]
+
+    @property
+    def ok(self) -> bool:
+        """All elements of all tensors are within tolerance."""
+        return all(t.violations == 0 for t in self.tensors)
+
+    @property
+    def worst(self) -> TensorDiff:
+        """The tensor with the largest excess over the tolerance."""
+        return max(self.tensors, key=lambda t: (t.worst_ratio, t.max_abs))
+
+    @property
+    def max_abs(self) -> float:
+        """Largest absolute error over all tensors."""
+        return max(t.max_abs for t in self.tensors)
+
+    @property
+    def max_rel(self) -> float:
+        """Largest relative error over all tensors."""
+        return max(t.max_rel for t in self.tensors)
+
+
+def _diff(name: str, candidate: np.ndarray, reference: np.ndarray, tol: Tolerance) -> TensorDiff:
+    cand = np.asarray(candidate, dtype=np.float64)
+    ref = np.asarray(reference, dtype=np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        err = np.abs(cand - ref)
+        err = np.where(np.isnan(err), np.inf, err)  # NaN on either side is never close
+        mag = np.abs(ref)
+        rel = np.where(mag > 0, err / mag, np.where(err > 0, np.inf, 0.0))
+        bound = tol.atol + tol.rtol * mag
+        ratio = np.where(bound > 0, err / bound, np.where(err > 0, np.inf, 0.0))
+    if ratio.size == 0:
+        return TensorDiff(name, 0.0, 0.0, 0.0, 0, 0, 0)
+    flat = int(np.argmax(ratio))
+    item = int(np.unravel_index(flat, ratio.shape)[0]) if ratio.ndim else 0
+    return TensorDiff(
+        name=name,
+        max_abs=float(err.max()),
+        max_rel=float(rel.max()),
+        worst_ratio=float(ratio.reshape(-1)[flat]),
+        worst_item=item,
+        violations=int(np.count_nonzero(~(err <= bound))),
+        elements=int(err.size),
+    )
+
+
+def compare(
+    candidate: Mapping[str, np.ndarray],
+    reference: Mapping[str, np.ndarray],
+    tolerance: Tolerance,
+) -> Comparison:
+    """Compares named output tensors elementwise: |candidate - reference| <= atol + rtol*|reference|.
+
+    Args:
+        candidate: Outputs of the artifact under test, by tensor name.
+        reference: Outputs of the reference model, by tensor name (every name must be in both).
+        tolerance: The allowed difference.
+
+    Raises:
+        ValueError: a tensor is missing from `candidate` or the shapes differ.
+    """
+    missing = [name for name in reference if name not in candidate]
+    if missing:
+        raise ValueError(
+            f"output(s) {', '.join(missing)} missing from the candidate "
+            f"(it has: {', '.join(candidate) or 'none'})"
+        )
+    diffs = []
+    for name, ref in reference.items():
+        cand = candidate[name]
+        if np.shape(cand) != np.shape(ref):
+            raise ValueError(
+                f"output '{name}' has shape {list(np.shape(cand))}, the reference "
+                f"{list(np.shape(ref))}"
+            )
+        diffs.append(_diff(name, cand, ref, tolerance))
+    return Comparison(tolerance, tuple(diffs))
+
+
+def assert_close(
+    model: str,
+    candidate: Mapping[str, np.ndarray],
+    reference: Mapping[str, np.ndarray],
+    tolerance: Tolerance,
+    *,
+    candidate_name: str = "ONNX Runtime",
+    reference_name: str = "PyTorch",
+    stage: str = "check",
+) -> Comparison:
+    """`compare`, raising CheckError on any element out of tolerance.
+
+    The message names the model, the worst output tensor, its max absolute and relative error,
+    the batch item of its worst element, how many elements are out of tolerance, and the
+    tolerance.
+
+    Returns:
+        The comparison (all within tolerance).
+
+    Raises:
+        CheckError: an output is missing, has another shape, or differs beyond the tolerance.
+    """
+    try:
+        result = compare(candidate, reference, tolerance)
+    except ValueError as error:
+        raise CheckError(model, f"{candidate_name} vs {reference_name}: {error}", stage) from None
+    if not result.ok:
+        worst = result.worst
+        raise CheckError(
+            model,
+            f"{candidate_name} output '{worst.name}' differs from {reference_name} beyond the "
+            f"tolerance: max abs error {worst.max_abs:.3g}, max rel error {worst.max_rel:.3g}, "
+            f"worst at batch item {worst.worst_item}; {worst.violations} of {worst.elements} "
+            f"elements out of tolerance atol={tolerance.atol:g}, rtol={tolerance.rtol:g} "
+            f"(|{candidate_name} - {reference_name}| <= atol + rtol*|{reference_name}|)",
+            stage,
+        )
+    return result
+
+
+def run_batched(
+    run: Callable[[dict[str, np.ndarray]], Mapping[str, np.ndarray]],
+    spec: ModelSpec,
+    inputs: Sequence[np.ndarray],
+) -> dict[str, np.ndarray]:
+    """Runs `run` over `inputs` in chunks of `spec.max_batch_size` and concatenates the outputs.
+
+    Args:
+        run: Takes one feed (input name -> array) and returns outputs by name.
+        spec: Names the inputs and outputs and gives the largest batch.
+        inputs: Batch-first arrays, in the order of `spec.inputs`.
+
+    Returns:
+        Every output of `spec.outputs` over all items, by name.
+    """
+    names = [t.name for t in spec.inputs]
+    items = int(inputs[0].shape[0])
+    step = spec.max_batch_size if spec.max_batch_size > 0 else UNBATCHED_CHUNK
+    parts: dict[str, list[np.ndarray]] = {t.name: [] for t in spec.outputs}
+    for start in range(0, items, step):
+        if spec.max_batch_size > 0:
+            feed = {n: x[start : start + step] for n, x in zip(names, inputs, strict=True)}
+            outputs = run(feed)
+            for name in parts:
+                parts[name].append(np.asarray(outputs[name]))
+        else:  # no batch dim: one item per run, stacked back to batch-first
+            feed = {n: x[start] for n, x in zip(names, inputs, strict=True)}
+            outputs = run(feed)
+            for name in parts:
+                parts[name].append(np.asarray(outputs[name])[np.newaxis])
+    return {name: np.concatenate(chunks) for name, chunks in parts.items()}
+
+
+def torch_runner(
+    module: torch.nn.Module, spec: ModelSpec
+) -> Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]:
+    """A `run` function for `run_batched` over a PyTorch module (eval mode, no grad)."""
+    import torch
+
+    module.eval()
+    output_names = [t.name for t in spec.outputs]
+    input_names = [t.name for t in spec.inputs]
+
+    def run(feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        with torch.inference_mode():
+            result = module(*(torch.from_numpy(np.ascontiguousarray(feed[n])) for n in input_names))
+        results = result if isinstance(result, (tuple, list)) else (result,)
+        return {n: r.detach().cpu().numpy() for n, r in zip(output_names, results, strict=True)}
+
+    return run
+
+
+def load_served(
+    spec: ModelSpec, artifact: Path, parameters: Mapping[str, str] | None = None
+) -> OnnxModel:
+    """Loads `artifact` the way the `kiln_onnx` backend serves it, with its load-time checks.
+
+    The config is the one `kiln generate` writes for `spec`; the spec's `parameters` apply (the
+    ONNX Runtime thread counts of serving), with `model_filename` pointed at `artifact`.
+
+    Raises:
+        CheckError: the backend's load check fails (names, dtypes or dims differ from the spec).
+    """
+    from kiln.repository import config_dict
+    from kiln.serving.onnx import ModelLoadError, OnnxModel
+    from kiln.serving.params import ParamError
+
+    params = dict(spec.parameters if parameters is None else parameters)
+    params["model_filename"] = artifact.name
+    try:
+        return OnnxModel.load(spec.name, artifact.parent, config_dict(spec), params)
+    except (ModelLoadError, ParamError) as error:
+        raise CheckError(spec.name, f"kiln_onnx cannot load {artifact}: {error}") from None
+
+
+def latency_ms(
+    run: Callable[[dict[str, np.ndarray]], Any],
+    spec: ModelSpec,
+    inputs: Sequence[np.ndarray],
+    *,
+    warmup: int = LATENCY_WARMUP_RUNS,
+    runs: int = LATENCY_RUNS,
+) -> float:
+    """Median wall time of one single-item run, in milliseconds.
+
+    Args:
+        run: Takes one feed (input name -> array).
+        spec: Names the inputs; with max_batch_size > 0 the item keeps a batch dim of 1.
+        inputs: Batch-first arrays; the first item is used.
+        warmup: Untimed runs first.
+        runs: Timed runs.
+    """
+    batched = spec.max_batch_size > 0
+    feed = {
+        t.name: np.ascontiguousarray(x[:1] if batched else x[0])
+        for t, x in zip(spec.inputs, inputs, strict=True)
+    }
+    for _ in range(warmup):
+        run(feed)
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        run(feed)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e3
+
+
+def onnx_runner(
+    artifact: Path, spec: ModelSpec
+) -> Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]:
+    """A `run` function over a plain ONNX Runtime CPU session (for models not served by
+    kiln_onnx; `load_served` is preferred where it applies, since it checks what serving checks).
+    """
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(artifact), providers=["CPUExecutionProvider"])
+    output_names = [t.name for t in spec.outputs]
+
+    def run(feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return dict(zip(output_names, session.run(output_names, feed), strict=True))
+
+    return run
+
+
+def artifact_runner(
+    artifact: Path, spec: ModelSpec
+) -> Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]:
+    """Runs `artifact` as it will be served: through kiln_onnx's loader when the spec's backend is
+    kiln_onnx (its load check included), else through a plain ONNX Runtime session.
+
+    Raises:
+        CheckError: kiln_onnx's load check fails.
+    """
+    if spec.backend == KILN_ONNX:
+        return load_served(spec, artifact).run
+    return onnx_runner(artifact, spec)

@@ -1,0 +1,319 @@
+"""Publish stage: artifacts into the model repository, and the build manifest beside them.
+
+Layout (folders come from `kiln.paths`, or the caller in tests):
+
+    <artifacts>/<model>/checkpoint.pt         trained weights (state_dict)
+    <artifacts>/<model>/<variant>.onnx        exported artifact, e.g. fp32.onnx
+    <artifacts>/<model>/manifest.json         the build manifest
+    <repository>/<model>/<version>/model.onnx the served artifact (a copy of the variant)
+    <repository>/<model>/<version>/manifest.json  a copy of the manifest, to trace a deployment
+
+Every file is written atomically (a temporary file in the same folder, then `os.replace`), so the
+server never loads a half-written model and an interrupted build leaves the old artifact in place.
+
+A model is up to date when its manifest's source hash equals the one computed now (the build
+spec, the tensor signature, the code of the stages that shape the artifact, the tool versions)
+and every published artifact still has the sha256 the manifest records. Only the standard library
+is imported here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import platform
+import tempfile
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from kiln import paths
+from kiln.spec import ModelSpec
+
+VERSION = 1
+"""The model-repository version folder artifacts are published into."""
+CHECKPOINT_NAME = "checkpoint.pt"
+MANIFEST_NAME = "manifest.json"
+PUBLISHED_NAME = "model.onnx"
+"""File name in the version folder; kiln_onnx's `model_filename` parameter defaults to it."""
+MANIFEST_FORMAT = 1
+"""Bumped when the manifest's layout changes: an older manifest then means "rebuild"."""
+BASE_TOOLS = ("torch", "onnx", "onnxruntime", "numpy")
+"""Distributions whose versions every build records and hashes (sources add their own)."""
+HASH_CHUNK = 1 << 20
+"""Bytes read at a time when hashing a file."""
+FILE_MODE = 0o666
+"""Mode of written files before the umask (temporary files start as 0600, unreadable to a
+server running as another user)."""
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def model_artifacts(name: str, artifacts: Path | None = None) -> Path:
+    """The build's working folder of model `name`."""
+    return Path(artifacts if artifacts is not None else paths.artifacts_dir()) / name
+
+
+def checkpoint_path(name: str, artifacts: Path | None = None) -> Path:
+    """Where the trained weights of model `name` are saved."""
+    return model_artifacts(name, artifacts) / CHECKPOINT_NAME
+
+
+def export_path(name: str, variant: str, artifacts: Path | None = None) -> Path:
+    """Where the exported `variant` (e.g. "fp32") of model `name` is written before publishing."""
+    return model_artifacts(name, artifacts) / f"{variant}.onnx"
+
+
+def manifest_path(name: str, artifacts: Path | None = None) -> Path:
+    """The build manifest of model `name`."""
+    return model_artifacts(name, artifacts) / MANIFEST_NAME
+
+
+def version_dir(name: str, repository: Path | None = None, version: int = VERSION) -> Path:
+    """The version folder of model `name` in the model repository."""
+    root = Path(repository if repository is not None else paths.model_repository())
+    return root / name / str(version)
+
+
+def published_path(name: str, repository: Path | None = None, version: int = VERSION) -> Path:
+    """The served artifact of model `name`."""
+    return version_dir(name, repository, version) / PUBLISHED_NAME
+
+
+@contextmanager
+def atomic_path(dest: Path) -> Iterator[Path]:
+    """Yields a temporary path beside `dest`; on success it replaces `dest` in one rename.
+
+    On an exception the temporary file is removed and `dest` is left as it was.
+    """
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.chmod(tmp, FILE_MODE & ~_umask())
+        os.replace(tmp, dest)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_bytes_atomic(dest: Path, data: bytes) -> Path:
+    """Writes `data` to `dest` atomically."""
+    with atomic_path(dest) as tmp:
+        tmp.write_bytes(data)
+    return dest
+
+
+def write_json_atomic(dest: Path, document: Mapping[str, Any]) -> Path:
+    """Writes `document` as indented JSON to `dest` atomically."""
+    text = json.dumps(document, indent=2, sort_keys=False) + "\n"
+    return write_bytes_atomic(dest, text.encode())
+
+
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file's bytes."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(HASH_CHUNK), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def tool_versions(extra: Iterable[str] = ()) -> dict[str, str]:
+    """Versions of Python and of the distributions that shape or check an artifact."""
+    versions = {"python": platform.python_version()}
+    for dist in (*BASE_TOOLS, *extra):
+        try:
+            versions[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            versions[dist] = "not installed"
+    return versions
+
+
+def _plain(value: Any) -> Any:
+    """A dataclass tree as JSON-able data; each dataclass records its type name."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        fields = {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+        return {"type": type(value).__name__, **fields}
+    if isinstance(value, (tuple, list)):
+        return [_plain(v) for v in value]
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    return value
+
+
+def hash_inputs(
+    spec: ModelSpec,
+    code: Mapping[str, Path],
+    tools: Mapping[str, str],
+    settings: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Everything the artifact depends on, as JSON-able data (hashed into the source hash).
+
+    Args:
+        spec: The model; its `build`, tensors and batching are included (serving-only settings
+            such as instance groups or dynamic batching are not: they never change the artifact).
+        code: Source files of the stages that shape the artifact, by a stable label.
+        tools: Tool versions, from `tool_versions`.
+        settings: Pipeline choices that shape the artifact (e.g. the exporter, the variants).
+    """
+    return {
+        "format": MANIFEST_FORMAT,
+        "build": _plain(spec.build),
+        "inputs": _plain(spec.inputs),
+        "outputs": _plain(spec.outputs),
+        "batched": spec.max_batch_size > 0,
+        "settings": _plain(dict(settings or {})),
+        "code": {label: sha256_file(path) for label, path in sorted(code.items())},
+        "tools": dict(sorted(tools.items())),
+    }
+
+
+def source_hash(inputs: Mapping[str, Any]) -> str:
+    """Hex sha256 of `hash_inputs(...)` in canonical JSON."""
+    canonical = json.dumps(inputs, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class Freshness:
+    """Whether a model needs building, and why.
+
+    Attributes:
+        up_to_date: Nothing to do.
+        reason: Why it must be (re)built, or "up to date".
+        manifest: The current manifest, when it could be read.
+    """
+
+    up_to_date: bool
+    reason: str
+    manifest: dict[str, Any] | None = None
+
+
+def read_manifest(path: Path) -> dict[str, Any] | None:
+    """The manifest at `path`, or None when it is missing or unreadable."""
+    try:
+        document = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+    return document if isinstance(document, dict) else None
+
+
+def freshness(
+    name: str, expected_hash: str, *, artifacts: Path | None = None, repository: Path | None = None
+) -> Freshness:
+    """Compares the manifest of model `name` with `expected_hash` and the published artifacts.
+
+    Returns:
+        up_to_date True only when the manifest's source hash equals `expected_hash` and every
+        published artifact it lists exists with the recorded sha256.
+    """
+    manifest = read_manifest(manifest_path(name, artifacts))
+    if manifest is None:
+        return Freshness(False, "no build manifest")
+    if manifest.get("source_hash") != expected_hash:
+        return Freshness(False, "spec, code or tool versions changed", manifest)
+    variants = manifest.get("variants")
+    if not isinstance(variants, dict) or not variants:
+        return Freshness(False, "the manifest lists no artifact", manifest)
+    root = Path(repository if repository is not None else paths.model_repository())
+    for variant, entry in variants.items():
+        published = root / str(entry.get("published", ""))
+        if not published.is_file():
+            return Freshness(False, f"published {variant} artifact {published} is missing", manifest)
+        if sha256_file(published) != entry.get("sha256"):
+            return Freshness(
+                False, f"published {variant} artifact {published} changed since the build", manifest
+            )
+    return Freshness(True, "up to date", manifest)
+
+
+@dataclass(frozen=True)
+class Published:
+    """Where a published artifact went.
+
+    Attributes:
+        path: The served file in the model repository.
+        sha256: Its hex sha256.
+        size_bytes: Its size.
+        relative: Its path relative to the model repository (recorded in the manifest).
+    """
+
+    path: Path
+    sha256: str
+    size_bytes: int
+    relative: str
+
+
+def publish_artifact(
+    name: str, artifact: Path, *, repository: Path | None = None, version: int = VERSION
+) -> Published:
+    """Copies `artifact` into `<repository>/<name>/<version>/model.onnx`, atomically."""
+    dest = published_path(name, repository, version)
+    write_bytes_atomic(dest, Path(artifact).read_bytes())
+    root = Path(repository if repository is not None else paths.model_repository())
+    return Published(
+        path=dest,
+        sha256=sha256_file(dest),
+        size_bytes=dest.stat().st_size,
+        relative=dest.relative_to(root).as_posix(),
+    )
+
+
+def manifest_document(
+    spec: ModelSpec,
+    *,
+    inputs: Mapping[str, Any],
+    variants: Mapping[str, Mapping[str, Any]],
+    timings_s: Mapping[str, float],
+    now: Callable[[], datetime] = lambda: datetime.now(timezone.utc),
+) -> dict[str, Any]:
+    """The build manifest of `spec`.
+
+    Args:
+        spec: The model built.
+        inputs: `hash_inputs(...)` of this build (the source hash is computed from it).
+        variants: Per variant ("fp32", ...): at least `published` (path relative to the model
+            repository) and `sha256`; plus size, metrics, check and latency.
+        timings_s: Seconds per stage.
+        now: Clock, for tests.
+    """
+    return {
+        "model": spec.name,
+        "version": VERSION,
+        "source_hash": source_hash(inputs),
+        "built_at": now().isoformat(timespec="seconds"),
+        "tools": dict(inputs["tools"]),
+        "variants": {k: dict(v) for k, v in variants.items()},
+        "timings_s": {k: round(v, 3) for k, v in timings_s.items()},
+        "hash_inputs": dict(inputs),
+    }
+
+
+def write_manifest(
+    name: str,
+    document: Mapping[str, Any],
+    *,
+    artifacts: Path | None = None,
+    repository: Path | None = None,
+    version: int = VERSION,
+) -> Path:
+    """Writes the manifest into the artifacts folder and a copy beside the served artifact.
+
+    Returns:
+        The manifest in the artifacts folder (the one `freshness` reads).
+    """
+    write_json_atomic(version_dir(name, repository, version) / MANIFEST_NAME, document)
+    return write_json_atomic(manifest_path(name, artifacts), document)
