@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 from google.protobuf import text_format
-from kiln.build.specs import SPECS, by_name
 from tritonclient.grpc import model_config_pb2
 
 from kiln import paths
+from kiln.build.specs import SPECS, by_name
 from kiln.repository import generate, model_config, render, stale
 from kiln.spec import DynamicBatching, SpecError
 

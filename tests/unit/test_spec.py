@@ -5,8 +5,8 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
-from kiln.build.specs import SPECS, by_name
 
+from kiln.build.specs import SPECS, by_name
 from kiln.spec import (
     DigitsCNNSource,
     DynamicBatching,
