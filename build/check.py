@@ -63,18 +63,24 @@ class CheckError(BuildError):
 
 @dataclass(frozen=True)
 class HeldOut:
-    """Held-out data a source stage provides for checking and scoring its model.
+    """Held-out data a source stage provides for checking, calibrating and scoring its model.
 
     Attributes:
-        inputs: One batch-first array per model input, in the order of `spec.inputs`.
-        metric: The metric's name, e.g. "test accuracy".
-        score: Maps the model's outputs on `inputs` (in the order of `spec.outputs`) to the metric;
-            the same function scores PyTorch, ONNX Runtime and any later variant.
+        inputs: Evaluation inputs: one batch-first array per model input, in the order of
+            `spec.inputs`. Never used for training or calibration.
+        calibration: INT8 calibration inputs, same layout, disjoint from `inputs` (drawn from the
+            training data or from other source material than the evaluation set).
+        metric: The metric's name, e.g. "test accuracy" or "top-1 agreement with FP32".
+        score: `score(outputs, reference)` maps a model's outputs on `inputs` (in the order of
+            `spec.outputs`) to the metric; `reference` is the FP32 PyTorch model's outputs on the
+            same inputs (for metrics measured against FP32; a labelled metric ignores it). The
+            same function scores PyTorch, ONNX Runtime and every variant; higher is better.
     """
 
     inputs: tuple[np.ndarray, ...]
+    calibration: tuple[np.ndarray, ...]
     metric: str
-    score: Callable[[Sequence[np.ndarray]], float]
+    score: Callable[[Sequence[np.ndarray], Sequence[np.ndarray]], float]
 
     @property
     def size(self) -> int:

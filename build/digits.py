@@ -194,11 +194,17 @@ def accuracy(model: nn.Module, x: np.ndarray, y: np.ndarray) -> float:
 
 
 def held_out(source: DigitsCNNSource) -> HeldOut:
-    """The test split as check inputs, scored by accuracy on the logits."""
+    """The test split as check inputs, scored by accuracy on the logits; calibration inputs are
+    the first `source.calibration_size` images of the training split (disjoint from the test)."""
     split = load_split(source)
     labels = split.y_test
 
-    def score(outputs: Sequence[np.ndarray]) -> float:
+    def score(outputs: Sequence[np.ndarray], reference: Sequence[np.ndarray]) -> float:
         return accuracy_of_logits(outputs[0], labels)
 
-    return HeldOut(inputs=(split.x_test,), metric=METRIC, score=score)
+    return HeldOut(
+        inputs=(split.x_test,),
+        calibration=(split.x_train[: source.calibration_size],),
+        metric=METRIC,
+        score=score,
+    )

@@ -39,7 +39,17 @@ from typing import TYPE_CHECKING, Any, Protocol, TextIO
 
 from kiln import paths
 from kiln.build.check import BuildError, CheckError, HeldOut
-from kiln.spec import DigitsCNNSource, ModelSpec, SpecError, validate
+from kiln.spec import (
+    CheckpointSource,
+    DigitsCNNSource,
+    FraudMLPSource,
+    ModelSpec,
+    OnnxFileSource,
+    ResNet50Source,
+    SpecError,
+    TextEncoderSource,
+    validate,
+)
 
 if TYPE_CHECKING:
     from torch import nn
@@ -72,6 +82,11 @@ class SourceEntry:
 
 SOURCES: dict[type, SourceEntry] = {
     DigitsCNNSource: SourceEntry("kiln.build.digits", tools=("scikit-learn",)),
+    FraudMLPSource: SourceEntry("kiln.build.fraud", tools=("scikit-learn",)),
+    TextEncoderSource: SourceEntry("kiln.build.text_encoder", tools=("tokenizers",)),
+    ResNet50Source: SourceEntry("kiln.build.resnet50", tools=("scikit-image", "pillow")),
+    CheckpointSource: SourceEntry("kiln.build.user_source"),
+    OnnxFileSource: SourceEntry("kiln.build.user_source"),
 }
 """Source spec class -> its source stage. Listed here, not imported, so an up-to-date check
 hashes the stage's code without importing torch."""
@@ -285,7 +300,8 @@ def _build_model(
         checkpoint = stage.save_checkpoint(model, publish.checkpoint_path(name, artifacts))
         held = stage.held_out(source)
         reference = check.run_batched(check.torch_runner(model, spec), spec, held.inputs)
-        metric_torch = held.score([reference[t.name] for t in spec.outputs])
+        reference_outputs = [reference[t.name] for t in spec.outputs]
+        metric_torch = held.score(reference_outputs, reference_outputs)
     minimum = build_spec.min_accuracy
     log.say(
         f"{tag} train: PyTorch {held.metric} {metric_torch:.4f} on {held.size} held-out items"
@@ -315,7 +331,7 @@ def _build_model(
         run = check.artifact_runner(exported, spec)
         candidate = check.run_batched(run, spec, held.inputs)
         comparison = check.assert_close(name, candidate, reference, build_spec.tolerance)
-        metric_onnx = held.score([candidate[t.name] for t in spec.outputs])
+        metric_onnx = held.score([candidate[t.name] for t in spec.outputs], reference_outputs)
         if minimum is not None and metric_onnx < minimum:
             raise AccuracyError(
                 name,

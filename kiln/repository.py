@@ -8,6 +8,7 @@ full NGC tritonserver container, where ONNX models run on the native onnxruntime
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 from collections.abc import Sequence
 from pathlib import Path
@@ -16,7 +17,7 @@ from typing import Any
 from google.protobuf import json_format, text_format
 from tritonclient.grpc import model_config_pb2
 
-from kiln.spec import ModelSpec, validate
+from kiln.spec import ModelSpec, served_name, validate
 
 TARGETS = ("embedded", "ngc")
 CONFIG_NAME = "config.pbtxt"
@@ -97,6 +98,20 @@ def render(spec: ModelSpec, target: str = "embedded") -> str:
     return HEADER.format(target=target) + text_format.MessageToString(model_config(spec, target))
 
 
+def served_specs(specs: Sequence[ModelSpec]) -> list[ModelSpec]:
+    """One spec per served model: each served variant of a built model under its served name
+    (`digits`, `digits_int8`, ...); a model without a build spec as it is."""
+    served = []
+    for spec in specs:
+        if spec.build is None:
+            served.append(spec)
+            continue
+        for variant in spec.build.variants:
+            if variant.serve:
+                served.append(dataclasses.replace(spec, name=served_name(spec.name, variant.precision)))
+    return served
+
+
 def generate(
     specs: Sequence[ModelSpec],
     repository: Path,
@@ -111,7 +126,7 @@ def generate(
         The configs written or already up to date, one per spec.
     """
     validate(specs, backends)
-    texts = {spec.name: render(spec, target) for spec in specs}
+    texts = {spec.name: render(spec, target) for spec in served_specs(specs)}
     paths = []
     for name, text in texts.items():
         path = Path(repository) / name / CONFIG_NAME
@@ -131,7 +146,7 @@ def stale(specs: Sequence[ModelSpec], repository: Path, target: str = "embedded"
     repository = Path(repository)
     problems = []
     names = set()
-    for spec in specs:
+    for spec in served_specs(specs):
         names.add(spec.name)
         path = repository / spec.name / CONFIG_NAME
         want = render(spec, target)

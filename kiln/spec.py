@@ -11,9 +11,10 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
+from pathlib import Path
 from types import MappingProxyType
-from typing import TypeAlias
+from typing import Any, TypeAlias
 
 DATA_TYPES = ("BOOL", "UINT8", "INT8", "INT16", "INT32", "INT64", "FP16", "FP32", "FP64", "BYTES")
 """Triton data types, without the TYPE_ prefix."""
@@ -108,6 +109,11 @@ class Tolerance:
     rtol: float = 1e-3
 
 
+def _range(low: float, high: float, *, integer: bool = True) -> dict[str, Any]:
+    """Field metadata: the closed range a source setting must lie in (checked by validate())."""
+    return {"range": (low, high), "integer": integer}
+
+
 @dataclass(frozen=True)
 class DigitsCNNSource:
     """A small CNN trained at build time on scikit-learn's handwritten digits (8x8, 10 classes).
@@ -118,17 +124,165 @@ class DigitsCNNSource:
         epochs: Training epochs.
         batch_size: Training batch size.
         learning_rate: Adam's learning rate.
+        calibration_size: Training images used to calibrate INT8 (never test images).
     """
 
-    seed: int = 0
-    test_fraction: float = 0.2
-    epochs: int = 30
-    batch_size: int = 32
-    learning_rate: float = 2e-3
+    seed: int = field(default=0, metadata=_range(0, 2**32 - 1))
+    test_fraction: float = field(default=0.2, metadata=_range(0.05, 0.95, integer=False))
+    epochs: int = field(default=30, metadata=_range(1, 1000))
+    batch_size: int = field(default=32, metadata=_range(1, 4096))
+    learning_rate: float = field(default=2e-3, metadata=_range(1e-6, 1.0, integer=False))
+    calibration_size: int = field(default=256, metadata=_range(1, 1437))
 
 
-SourceSpec: TypeAlias = DigitsCNNSource  # grows into a union as sources are added
+@dataclass(frozen=True)
+class ResNet50Source:
+    """The standard ResNet-50 at image_size x image_size with seeded weights.
+
+    No pretrained weights can be fetched here (no model hub is reachable): the weights are seeded,
+    and the batch-norm statistics are recalibrated on photographs so activations stay in range.
+    It is the compute-heavy image workload; its metric is top-1 agreement with FP32.
+
+    Attributes:
+        seed: Seeds the weights and the crops.
+        image_size: Input height and width.
+        num_classes: Classifier outputs.
+        eval_images: Evaluation crops (from photographs never used for calibration).
+        calibration_images: INT8 calibration crops (from the other photographs).
+    """
+
+    seed: int = field(default=0, metadata=_range(0, 2**32 - 1))
+    image_size: int = field(default=224, metadata=_range(32, 1024))
+    num_classes: int = field(default=1000, metadata=_range(2, 100_000))
+    eval_images: int = field(default=64, metadata=_range(1, 10_000))
+    calibration_images: int = field(default=32, metadata=_range(1, 10_000))
+
+
+@dataclass(frozen=True)
+class TextEncoderSource:
+    """A small BERT-style encoder with a WordPiece tokenizer trained at build time on offline text.
+
+    Attributes:
+        seed: Seeds the weights and the text sampling.
+        vocab_size: WordPiece vocabulary size.
+        hidden_size: Width of the token embeddings.
+        layers: Transformer encoder layers.
+        heads: Attention heads (must divide hidden_size).
+        intermediate_size: Width of the feed-forward layers.
+        max_length: Longest token sequence (position embeddings, truncation).
+        eval_texts: Evaluation texts.
+        calibration_texts: INT8 calibration texts (disjoint from the evaluation texts).
+    """
+
+    seed: int = field(default=0, metadata=_range(0, 2**32 - 1))
+    vocab_size: int = field(default=4096, metadata=_range(128, 250_000))
+    hidden_size: int = field(default=256, metadata=_range(8, 4096))
+    layers: int = field(default=4, metadata=_range(1, 48))
+    heads: int = field(default=4, metadata=_range(1, 64))
+    intermediate_size: int = field(default=1024, metadata=_range(8, 16384))
+    max_length: int = field(default=128, metadata=_range(8, 8192))
+    eval_texts: int = field(default=128, metadata=_range(1, 100_000))
+    calibration_texts: int = field(default=64, metadata=_range(1, 100_000))
+
+
+@dataclass(frozen=True)
+class FraudMLPSource:
+    """An MLP scoring transactions, trained on a seeded SYNTHETIC imbalanced data set.
+
+    Attributes:
+        seed: Seeds the data set, the split, the weights and shuffling.
+        samples: Transactions generated.
+        features: Numeric features per transaction.
+        fraud_rate: Share of fraudulent transactions.
+        hidden_sizes: Widths of the hidden layers.
+        epochs: Training epochs.
+        batch_size: Training batch size.
+        learning_rate: Adam's learning rate.
+        test_fraction: Share held out for evaluation.
+        calibration_size: Training transactions used to calibrate INT8.
+    """
+
+    seed: int = field(default=0, metadata=_range(0, 2**32 - 1))
+    samples: int = field(default=20_000, metadata=_range(100, 10_000_000))
+    features: int = field(default=16, metadata=_range(2, 4096))
+    fraud_rate: float = field(default=0.02, metadata=_range(0.001, 0.5, integer=False))
+    hidden_sizes: tuple[int, ...] = (64, 32)
+    epochs: int = field(default=20, metadata=_range(1, 1000))
+    batch_size: int = field(default=256, metadata=_range(1, 65_536))
+    learning_rate: float = field(default=1e-3, metadata=_range(1e-6, 1.0, integer=False))
+    test_fraction: float = field(default=0.25, metadata=_range(0.05, 0.95, integer=False))
+    calibration_size: int = field(default=1024, metadata=_range(1, 1_000_000))
+
+
+@dataclass(frozen=True)
+class CheckpointSource:
+    """A user's own PyTorch model: a factory building the module and a state_dict checkpoint.
+
+    Attributes:
+        factory: "package.module:function" returning the untrained nn.Module.
+        checkpoint: Path of the state_dict file (relative paths are relative to the project root).
+        held_out: Path of an .npz with the evaluation inputs (one array per spec input, named after
+            it) and the calibration inputs (named "calibration/<input name>").
+    """
+
+    factory: str
+    checkpoint: str
+    held_out: str
+
+
+@dataclass(frozen=True)
+class OnnxFileSource:
+    """An existing ONNX model, served and quantized as is (its FP32 outputs are the reference).
+
+    Attributes:
+        path: Path of the .onnx file (relative paths are relative to the project root).
+        held_out: Path of an .npz laid out as for CheckpointSource.
+    """
+
+    path: str
+    held_out: str
+
+
+SourceSpec: TypeAlias = (
+    DigitsCNNSource
+    | ResNet50Source
+    | TextEncoderSource
+    | FraudMLPSource
+    | CheckpointSource
+    | OnnxFileSource
+)
 """Every kind of model source the build pipeline knows."""
+SOURCE_TYPES = (
+    DigitsCNNSource, ResNet50Source, TextEncoderSource, FraudMLPSource, CheckpointSource,
+    OnnxFileSource,
+)
+
+PRECISIONS = ("fp32", "fp16", "int8")
+"""Artifact precisions: FP32 is the reference; FP16 converts weights and activations; INT8 is
+post-training static quantization (QDQ) calibrated on `HeldOut.calibration`."""
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One artifact of a model at one precision.
+
+    Attributes:
+        precision: "fp32", "fp16" or "int8".
+        max_metric_drop: The build fails when this variant's held-out metric is more than this
+            below the FP32 PyTorch model's (in the metric's units: 0.005 is half a point of
+            accuracy).
+        serve: Publish it into the model repository, as model `<name>` for fp32 and
+            `<name>_<precision>` otherwise (see `served_name`).
+    """
+
+    precision: str
+    max_metric_drop: float = 0.0
+    serve: bool = True
+
+
+def served_name(model: str, precision: str) -> str:
+    """The repository name of `model`'s variant at `precision`."""
+    return model if precision == "fp32" else f"{model}_{precision}"
 
 
 @dataclass(frozen=True)
@@ -139,13 +293,16 @@ class BuildSpec:
         source: Where the PyTorch model comes from.
         opset: ONNX opset of the export.
         tolerance: Export check: ONNX Runtime against PyTorch on held-out inputs.
-        min_accuracy: The build fails when the model's held-out accuracy is below this.
+        min_accuracy: The build fails when the FP32 model's held-out metric is below this.
+        variants: The artifacts to build; the first must be fp32 (the reference the others are
+            measured against).
     """
 
     source: SourceSpec
     opset: int = 17
     tolerance: Tolerance = Tolerance()
     min_accuracy: float | None = None
+    variants: tuple[Variant, ...] = (Variant("fp32"),)
 
 
 @dataclass(frozen=True)
@@ -321,29 +478,95 @@ def _check_build(where: str, build: BuildSpec) -> list[str]:
         problems.append(
             f"{where}: field 'build.min_accuracy' must be in 0..1, got {build.min_accuracy!r}"
         )
+    problems += _check_variants(where, build.variants)
     source = build.source
-    if isinstance(source, DigitsCNNSource):
-        if not 0 < source.test_fraction < 1:
-            problems.append(
-                f"{where}: field 'build.source.test_fraction' must be in (0, 1), "
-                f"got {source.test_fraction!r}"
-            )
-        for name in ("epochs", "batch_size"):
-            value = getattr(source, name)
-            if not _is_int(value) or value < 1:
-                problems.append(
-                    f"{where}: field 'build.source.{name}' must be an integer >= 1, got {value!r}"
-                )
-        if not source.learning_rate > 0:
-            problems.append(
-                f"{where}: field 'build.source.learning_rate' must be > 0, "
-                f"got {source.learning_rate!r}"
-            )
-    else:
+    if not isinstance(source, SOURCE_TYPES):
         problems.append(
-            f"{where}: field 'build.source' must be one of DigitsCNNSource, "
-            f"got {type(source).__name__}"
+            f"{where}: field 'build.source' must be one of "
+            f"{', '.join(t.__name__ for t in SOURCE_TYPES)}, got {type(source).__name__}"
         )
+        return problems
+    problems += _check_ranges(where, "build.source", source)
+    if isinstance(source, TextEncoderSource) and source.hidden_size % source.heads:
+        problems.append(
+            f"{where}: field 'build.source.heads' must divide hidden_size {source.hidden_size}, "
+            f"got {source.heads}"
+        )
+    if isinstance(source, FraudMLPSource) and (
+        not source.hidden_sizes or any(not _is_int(h) or h < 1 for h in source.hidden_sizes)
+    ):
+        problems.append(
+            f"{where}: field 'build.source.hidden_sizes' must be a non-empty tuple of sizes >= 1, "
+            f"got {source.hidden_sizes!r}"
+        )
+    if isinstance(source, CheckpointSource) and not re.match(
+        r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$", str(source.factory)
+    ):
+        problems.append(
+            f"{where}: field 'build.source.factory' must look like 'package.module:function', "
+            f"got {source.factory!r}"
+        )
+    for name in ("checkpoint", "path", "held_out"):
+        if hasattr(source, name):
+            path = resolve_path(getattr(source, name))
+            if not path.is_file():
+                problems.append(
+                    f"{where}: field 'build.source.{name}' names {str(path)!r}, which does not exist"
+                )
+    return problems
+
+
+def resolve_path(path: str) -> Path:
+    """A path from a spec: absolute as given, relative to the project root otherwise."""
+    from kiln.paths import ROOT
+
+    candidate = Path(path).expanduser()
+    return candidate if candidate.is_absolute() else ROOT / candidate
+
+
+def _check_ranges(where: str, prefix: str, settings: Any) -> list[str]:
+    """Checks every dataclass field of `settings` that declares a range in its metadata."""
+    problems = []
+    for spec_field in fields(settings):
+        bounds = spec_field.metadata.get("range")
+        if bounds is None:
+            continue
+        low, high = bounds
+        value = getattr(settings, spec_field.name)
+        integer = spec_field.metadata["integer"]
+        kind = "an integer" if integer else "a number"
+        ok = _is_int(value) if integer else isinstance(value, (int, float)) and not isinstance(
+            value, bool
+        )
+        if not ok or not low <= value <= high:
+            problems.append(
+                f"{where}: field '{prefix}.{spec_field.name}' must be {kind} in "
+                f"{low:g}..{high:g}, got {value!r}"
+            )
+    return problems
+
+
+def _check_variants(where: str, variants: Sequence[Variant]) -> list[str]:
+    problems = []
+    if not variants or variants[0].precision != "fp32":
+        first = variants[0].precision if variants else None
+        problems.append(
+            f"{where}: field 'build.variants' must start with the fp32 variant (the reference), "
+            f"got {first!r} first"
+        )
+    seen: set[str] = set()
+    for i, variant in enumerate(variants):
+        at = f"{where}: field 'build.variants[{i}]"
+        if variant.precision not in PRECISIONS:
+            problems.append(
+                f"{at}.precision' must be one of {', '.join(PRECISIONS)}, got {variant.precision!r}"
+            )
+        elif variant.precision in seen:
+            problems.append(f"{at}.precision' repeats {variant.precision!r}")
+        seen.add(variant.precision)
+        drop = variant.max_metric_drop
+        if not isinstance(drop, (int, float)) or not 0 <= drop <= 1:
+            problems.append(f"{at}.max_metric_drop' must be a number in 0..1, got {drop!r}")
     return problems
 
 

@@ -16,7 +16,7 @@ from kiln.spec import (
     Warmup,
 )
 
-DIGITS = ModelSpec(
+SPEC = ModelSpec(
     name="digits",
     description="CNN on scikit-learn's 8x8 handwritten digits (trained at build time)",
     backend="kiln_onnx",

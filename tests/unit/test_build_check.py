@@ -14,7 +14,7 @@ from onnx import numpy_helper
 
 from kiln import tensors
 from kiln.build import check, digits, export
-from kiln.build.specs.digits import DIGITS
+from kiln.build.specs.digits import SPEC as DIGITS
 from kiln.spec import TensorSpec, Tolerance
 
 TOL = DIGITS.build.tolerance
@@ -134,7 +134,9 @@ def test_check_passes_on_a_good_export(
     result = check.assert_close(DIGITS.name, candidate, reference, TOL)
     assert result.ok
     assert result.max_abs <= TOL.atol + TOL.rtol * float(np.abs(reference[LOGITS]).max())
-    assert held.score([candidate[LOGITS]]) == held.score([reference[LOGITS]])
+    assert held.score([candidate[LOGITS]], [reference[LOGITS]]) == held.score(
+        [reference[LOGITS]], [reference[LOGITS]]
+    )
 
 
 def test_check_fails_on_a_perturbed_export(

@@ -13,7 +13,7 @@ from sklearn.datasets import load_digits
 
 from kiln.build import digits
 from kiln.build.publish import checkpoint_path
-from kiln.build.specs.digits import DIGITS
+from kiln.build.specs.digits import SPEC as DIGITS
 
 SOURCE = DIGITS.build.source
 TOTAL_IMAGES = 1797
@@ -116,9 +116,20 @@ def test_held_out_is_the_test_split_scored_by_accuracy(split: digits.DigitsSplit
     assert held.metric == digits.METRIC
     np.testing.assert_array_equal(held.inputs[0], split.x_test)
     perfect = np.eye(digits.NUM_CLASSES, dtype=np.float32)[split.y_test]
-    assert held.score([perfect]) == 1.0
+    assert held.score([perfect], [perfect]) == 1.0
     shifted = np.roll(perfect, 1, axis=1)
-    assert held.score([shifted]) == 0.0
+    assert held.score([shifted], [perfect]) == 0.0
+
+
+def test_calibration_inputs_come_from_training_not_from_the_test_split(
+    split: digits.DigitsSplit,
+) -> None:
+    held = digits.held_out(SOURCE)
+    (calibration,) = held.calibration
+    assert len(calibration) == SOURCE.calibration_size
+    np.testing.assert_array_equal(calibration, split.x_train[: SOURCE.calibration_size])
+    test_rows = {row.tobytes() for row in split.x_test}
+    assert not any(row.tobytes() in test_rows for row in calibration)
 
 
 def test_load_trained_from_path_and_from_spec(

@@ -14,7 +14,7 @@ import torch
 
 from kiln import tensors
 from kiln.build import check, digits, export
-from kiln.build.specs.digits import DIGITS
+from kiln.build.specs.digits import SPEC as DIGITS
 from kiln.spec import TensorSpec
 
 

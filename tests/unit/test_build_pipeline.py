@@ -16,7 +16,7 @@ from onnx import numpy_helper
 
 from kiln import tensors
 from kiln.build import check, digits, export, pipeline, publish
-from kiln.build.specs.digits import DIGITS
+from kiln.build.specs.digits import SPEC as DIGITS
 from kiln.repository import config_dict
 from kiln.serving.onnx import OnnxModel
 from kiln.spec import ModelSpec, SpecError, Tolerance
@@ -189,8 +189,8 @@ def test_invalid_spec_is_refused_before_any_stage(tmp_path: Path, no_training: N
     with pytest.raises(SpecError) as info:
         _build([FAST, bad], tmp_path / "artifacts", tmp_path / "repo")
     message = str(info.value)
-    assert "field 'build.source.epochs' must be an integer >= 1, got 0" in message
-    assert "field 'build.source.test_fraction' must be in (0, 1), got 1.5" in message
+    assert "field 'build.source.epochs' must be an integer in 1..1000, got 0" in message
+    assert "field 'build.source.test_fraction' must be a number in 0.05..0.95, got 1.5" in message
     assert list(tmp_path.iterdir()) == []
 
 
@@ -304,7 +304,7 @@ def test_build_command_reports_errors_in_one_paragraph_without_traceback(
     assert args.func(args) == pipeline.EXIT_BAD_INPUT
     err = capsys.readouterr().err
     assert err.startswith("kiln build: nothing was built: 1 problem(s) in the spec:")
-    assert "'build.source.epochs' must be an integer >= 1, got 0" in err
+    assert "'build.source.epochs' must be an integer in 1..1000, got 0" in err
 
     def fail(*args: object, **kwargs: object) -> None:
         raise pipeline.AccuracyError("digits", "train", "PyTorch test accuracy 0.5 is below 0.9")

@@ -11,8 +11,8 @@ from tritonclient.grpc import model_config_pb2
 
 from kiln import paths
 from kiln.build.specs import SPECS, by_name
-from kiln.repository import generate, model_config, render, stale
-from kiln.spec import DynamicBatching, SpecError
+from kiln.repository import generate, model_config, render, served_specs, stale
+from kiln.spec import DynamicBatching, SpecError, Variant
 
 DIGITS = by_name("digits")
 
@@ -63,6 +63,20 @@ def test_generate_writes_configs_and_stale_detects_drift(tmp_path: Path) -> None
     (tmp_path / "orphan").mkdir()
     (tmp_path / "orphan" / "config.pbtxt").write_text('name: "orphan"\n')
     assert any("no spec declares model 'orphan'" in p for p in stale([DIGITS], tmp_path))
+
+
+def test_each_served_variant_gets_its_own_model(tmp_path: Path) -> None:
+    build = dataclasses.replace(
+        DIGITS.build,
+        variants=(Variant("fp32"), Variant("fp16", serve=False), Variant("int8", max_metric_drop=0.01)),
+    )
+    spec = dataclasses.replace(DIGITS, build=build)
+    assert [s.name for s in served_specs([spec])] == ["digits", "digits_int8"]
+    written = generate([spec], tmp_path, backends=("kiln_onnx",))
+    assert [p.parent.name for p in written] == ["digits", "digits_int8"]
+    int8 = text_format.Parse(written[1].read_text(), model_config_pb2.ModelConfig())
+    assert int8.name == "digits_int8"
+    assert [i.name for i in int8.input] == [i.name for i in model_config(DIGITS).input]
 
 
 def test_invalid_spec_writes_nothing(tmp_path: Path) -> None:

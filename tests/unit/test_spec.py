@@ -8,12 +8,17 @@ import pytest
 
 from kiln.build.specs import SPECS, by_name
 from kiln.spec import (
+    CheckpointSource,
     DigitsCNNSource,
     DynamicBatching,
+    FraudMLPSource,
     InstanceGroup,
+    OnnxFileSource,
     SpecError,
     TensorSpec,
+    TextEncoderSource,
     Tolerance,
+    Variant,
     Warmup,
     validate,
 )
@@ -119,9 +124,19 @@ def test_warmup_needs_fixed_dims() -> None:
         ({"tolerance": Tolerance(rtol=float("nan"))}, "'build.tolerance.rtol' must be a finite"),
         ({"opset": 9}, "'build.opset' must be in 13..21, got 9"),
         ({"min_accuracy": 1.5}, "'build.min_accuracy' must be in 0..1, got 1.5"),
-        ({"source": DigitsCNNSource(test_fraction=1.0)}, "'build.source.test_fraction' must be in"),
-        ({"source": DigitsCNNSource(epochs=0)}, "'build.source.epochs' must be an integer >= 1"),
-        ({"source": "resnet"}, "'build.source' must be one of DigitsCNNSource, got str"),
+        ({"source": DigitsCNNSource(test_fraction=1.0)}, "'build.source.test_fraction' must be a number in 0.05..0.95, got 1.0"),
+        ({"source": DigitsCNNSource(epochs=0)}, "'build.source.epochs' must be an integer in 1..1000, got 0"),
+        ({"source": DigitsCNNSource(learning_rate="fast")}, "'build.source.learning_rate' must be a number in"),
+        ({"source": TextEncoderSource(hidden_size=100, heads=3)}, "'build.source.heads' must divide hidden_size 100, got 3"),
+        ({"source": FraudMLPSource(hidden_sizes=())}, "'build.source.hidden_sizes' must be a non-empty tuple"),
+        ({"source": CheckpointSource("mod", "x.pt", "x.npz")}, "'build.source.factory' must look like 'package.module:function', got 'mod'"),
+        ({"source": CheckpointSource("pkg.mod:make", "no/such.pt", "x.npz")}, "'build.source.checkpoint' names"),
+        ({"source": OnnxFileSource("missing.onnx", "x.npz")}, "missing.onnx', which does not exist"),
+        ({"source": "resnet"}, "'build.source' must be one of DigitsCNNSource, ResNet50Source, TextEncoderSource, FraudMLPSource, CheckpointSource, OnnxFileSource, got str"),
+        ({"variants": (Variant("int8"),)}, "'build.variants' must start with the fp32 variant (the reference), got 'int8' first"),
+        ({"variants": (Variant("fp32"), Variant("int4"))}, "'build.variants[1].precision' must be one of fp32, fp16, int8, got 'int4'"),
+        ({"variants": (Variant("fp32"), Variant("fp32"))}, "'build.variants[1].precision' repeats 'fp32'"),
+        ({"variants": (Variant("fp32"), Variant("int8", max_metric_drop=-0.1))}, "'build.variants[1].max_metric_drop' must be a number in 0..1, got -0.1"),
     ],
 )
 def test_invalid_build_field_is_named(build_change: dict, expected: str) -> None:
