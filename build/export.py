@@ -137,31 +137,23 @@ def export_onnx(
     with atomic_path(path) as tmp:
         try:
             with warnings.catch_warnings(), torch.no_grad():
+                common = {
+                    "input_names": input_names,
+                    "output_names": output_names,
+                    "opset_version": spec.build.opset,
+                }
                 if exporter == "torchscript":
                     for message in _LEGACY_DEPRECATIONS:
                         warnings.filterwarnings("ignore", message, DeprecationWarning)
                     torch.onnx.export(
-                        module,
-                        tuple(example),
-                        str(tmp),
-                        input_names=input_names,
-                        output_names=output_names,
-                        dynamic_axes=dynamic_axes(spec),
-                        opset_version=spec.build.opset,
-                        dynamo=False,
+                        module, tuple(example), str(tmp), **common,
+                        dynamic_axes=dynamic_axes(spec), dynamo=False,
                     )
                 else:
                     torch.onnx.export(
-                        module,
-                        tuple(example),
-                        str(tmp),
-                        input_names=input_names,
-                        output_names=output_names,
-                        dynamic_shapes=_dynamic_shapes(spec),
-                        opset_version=spec.build.opset,
-                        dynamo=True,
-                        external_data=False,
-                        verbose=False,
+                        module, tuple(example), str(tmp), **common,
+                        dynamic_shapes=_dynamic_shapes(spec), dynamo=True,
+                        external_data=False, verbose=False,
                     )
         except ModuleNotFoundError as error:
             raise ExportError(

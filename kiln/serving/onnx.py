@@ -201,29 +201,24 @@ class OnnxModel:
         inputs = contracts(name, config.get("input", []))
         outputs = contracts(name, config.get("output", []))
         model_inputs = {i.name: i for i in session.get_inputs()}
-        model_outputs = {o.name: o for o in session.get_outputs()}
-        for contract in inputs:
-            if contract.name not in model_inputs:
-                raise ModelLoadError(
-                    f"model '{name}': input '{contract.name}' is not an input of the ONNX model "
-                    f"(its inputs: {', '.join(model_inputs)})"
-                )
-            node = model_inputs[contract.name]
-            _check_tensor(name, "input", contract, node.type, node.shape, batched)
+        for role, declared, nodes in (
+            ("input", inputs, model_inputs),
+            ("output", outputs, {o.name: o for o in session.get_outputs()}),
+        ):
+            for contract in declared:
+                if contract.name not in nodes:
+                    raise ModelLoadError(
+                        f"model '{name}': {role} '{contract.name}' is not an {role} of the ONNX "
+                        f"model (its {role}s: {', '.join(nodes)})"
+                    )
+                node = nodes[contract.name]
+                _check_tensor(name, role, contract, node.type, node.shape, batched)
         unfed = set(model_inputs) - {c.name for c in inputs}
         if unfed:
             raise ModelLoadError(
                 f"model '{name}': the ONNX model needs input(s) {', '.join(sorted(unfed))}, "
                 "which config.pbtxt does not declare"
             )
-        for contract in outputs:
-            if contract.name not in model_outputs:
-                raise ModelLoadError(
-                    f"model '{name}': output '{contract.name}' is not an output of the ONNX model "
-                    f"(its outputs: {', '.join(model_outputs)})"
-                )
-            node = model_outputs[contract.name]
-            _check_tensor(name, "output", contract, node.type, node.shape, batched)
         return cls(name, session, inputs, outputs, batched, params)
 
     def run(self, feed: Tensors) -> dict[str, np.ndarray]:
