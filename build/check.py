@@ -5,8 +5,10 @@ parameters, so the server's load check runs here too) on held-out inputs, in bat
 model's `max_batch_size` (which also exercises the symbolic batch dim), and every output element
 must satisfy |candidate - reference| <= atol + rtol * |reference| (the spec's `Tolerance`).
 
-`compare` and `assert_close` are generic over named output tensors: the later FP16/INT8 variants
-and TensorRT engines are checked with the same helpers, against the same reference outputs.
+`compare` and `assert_close` are generic over named output tensors: the FP16/INT8 variants and
+TensorRT engines are compared with the same helpers, against the same reference outputs. A
+variant (FP16, INT8) is gated by `check_budget` on its held-out metric instead: it may lose at
+most its `Variant.max_metric_drop` against the FP32 reference model.
 
 Only numpy is imported at module level: `BuildError` lives here and the CLI imports it without
 the build extra.
@@ -36,6 +38,10 @@ LATENCY_RUNS = 25
 """Timed single-item runs; the reported latency is their median."""
 UNBATCHED_CHUNK = 1
 """Items per run for a model without a batch dim (max_batch_size 0)."""
+BUDGET_STAGE = "budget"
+"""The stage named in a `BudgetError`."""
+METRIC_EPSILON = 1e-9
+"""Float slack of the budget gate, so a drop exactly equal to the budget passes."""
 KILN_ONNX = "kiln_onnx"
 """The backend whose loader (`kiln.serving.onnx.OnnxModel.load`) the check runs artifacts through."""
 
@@ -59,6 +65,73 @@ class CheckError(BuildError):
 
     def __init__(self, model: str, message: str, stage: str = "check") -> None:
         super().__init__(model, stage, message)
+
+
+class BudgetError(BuildError):
+    """A variant's held-out metric is further below the FP32 model's than its `max_metric_drop`.
+
+    Attributes:
+        variant: The variant's precision, e.g. "int8".
+        metric: The metric's name.
+        value: The variant's metric.
+        reference: The FP32 reference model's metric.
+        drop: `reference - value`.
+        budget: The variant's `max_metric_drop`.
+    """
+
+    def __init__(
+        self,
+        model: str,
+        variant: str,
+        metric: str,
+        value: float,
+        reference: float,
+        budget: float,
+        *,
+        reference_name: str = "FP32 PyTorch",
+        detail: str = "",
+    ) -> None:
+        self.variant = variant
+        self.metric = metric
+        self.value = value
+        self.reference = reference
+        self.drop = reference - value
+        self.budget = budget
+        super().__init__(
+            model,
+            BUDGET_STAGE,
+            f"variant {variant}: {metric} {value:.4f} is {self.drop:.4f} below the {reference_name} "
+            f"model's {reference:.4f}, more than its budget max_metric_drop {budget:g}"
+            + (f"; {detail}" if detail else ""),
+        )
+
+
+def check_budget(
+    model: str,
+    variant: str,
+    metric: str,
+    value: float,
+    reference: float,
+    budget: float,
+    *,
+    reference_name: str = "FP32 PyTorch",
+    detail: str = "",
+) -> float:
+    """Gates a variant on its accuracy budget: `value >= reference - budget` (higher is better).
+
+    Returns:
+        The drop, `reference - value` (negative when the variant scores higher).
+
+    Raises:
+        BudgetError: the drop exceeds `budget` (beyond `METRIC_EPSILON` of float rounding).
+    """
+    drop = reference - value
+    if not drop <= budget + METRIC_EPSILON:  # a NaN metric fails too
+        raise BudgetError(
+            model, variant, metric, value, reference, budget,
+            reference_name=reference_name, detail=detail,
+        )
+    return drop
 
 
 @dataclass(frozen=True)
@@ -319,21 +392,34 @@ def latency_ms(
     spec: ModelSpec,
     inputs: Sequence[np.ndarray],
     *,
+    batch: int = 1,
     warmup: int = LATENCY_WARMUP_RUNS,
     runs: int = LATENCY_RUNS,
 ) -> float:
-    """Median wall time of one single-item run, in milliseconds.
+    """Median wall time of one run on `batch` items, in milliseconds.
 
     Args:
         run: Takes one feed (input name -> array).
-        spec: Names the inputs; with max_batch_size > 0 the item keeps a batch dim of 1.
-        inputs: Batch-first arrays; the first item is used.
+        spec: Names the inputs; with max_batch_size > 0 the items keep their batch dim.
+        inputs: Batch-first arrays; the first `batch` items are used.
+        batch: Items per run; must be 1 for a model without a batch dim, and at most the items
+            in `inputs`.
         warmup: Untimed runs first.
         runs: Timed runs.
+
+    Raises:
+        ValueError: `batch` is not possible for this model or these inputs.
     """
     batched = spec.max_batch_size > 0
+    items = int(inputs[0].shape[0])
+    limit = min(spec.max_batch_size, items) if batched else 1
+    if not 1 <= batch <= limit:
+        raise ValueError(
+            f"model '{spec.name}': latency batch must be in 1..{limit} (max_batch_size "
+            f"{spec.max_batch_size}, {items} items given), got {batch}"
+        )
     feed = {
-        t.name: np.ascontiguousarray(x[:1] if batched else x[0])
+        t.name: np.ascontiguousarray(x[:batch] if batched else x[0])
         for t, x in zip(spec.inputs, inputs, strict=True)
     }
     for _ in range(warmup):

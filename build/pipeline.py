@@ -1,21 +1,32 @@
-"""The build pipeline: spec -> trained model -> ONNX -> checked -> published, per model.
+"""The build pipeline: spec -> trained model -> ONNX -> variants -> checked -> published, per model.
 
 `build()` validates every spec before any stage starts, then per model (in spec order):
 
-    up to date?  the manifest's source hash equals this build's and the published artifact's
-                 sha256 still matches: nothing is rebuilt (unless `force`)
+    up to date?  the manifest's source hash equals this build's, and every variant's artifact,
+                 published copy and extra file still has its recorded sha256: nothing is rebuilt
+                 (unless `force`)
     train        the source stage (e.g. `kiln.build.digits`) trains the model, saves the checkpoint;
-                 the held-out metric must reach `build.min_accuracy`
+                 the held-out metric must reach `build.min_accuracy`. A source that already is
+                 ONNX (its stage has `export_onnx`) is not trained: see `SourceStage`
     export       `kiln.build.export`: ONNX with the spec's names, symbolic batch dim, spec's opset
-    check        `kiln.build.check`: ONNX Runtime (through kiln_onnx's loader) against PyTorch on
-                 the held-out inputs within `build.tolerance`; the ONNX metric must reach the
-                 minimum too; single-item latency
-    publish      `kiln.build.publish`: atomic copy into the model repository, then the manifest
+    check        `kiln.build.check`: ONNX Runtime (through kiln_onnx's loader) against the FP32
+                 reference on the held-out inputs within `build.tolerance`; the ONNX metric must
+                 reach the minimum too; single-item latency
+    fp16, int8   one stage per further variant of `build.variants`, in spec order:
+                 `kiln.build.quantize` produces `<artifacts>/<model>/<precision>.onnx`, which runs
+                 through kiln_onnx's loader on the held-out inputs; its metric may be at most the
+                 variant's `max_metric_drop` below the FP32 reference's (`check.check_budget`,
+                 else `BudgetError`); single-item latency
+    tensorrt     `kiln.build.tensorrt.compile_stage` (one call site, `_tensorrt_stage`): engines
+                 where TensorRT and a GPU are, one "skipped" line elsewhere
+    publish      `kiln.build.publish`: each served variant into `<repository>/<served name>/1/`
+                 (`kiln.spec.served_name`: digits, digits_fp16, digits_int8) with the source's
+                 extra files, then the manifest recording every variant
 
-Any failure raises a `BuildError` naming the model and the stage; the published artifact and
-manifest of the last good build stay as they were. A source stage is a module (see `SourceStage`)
-registered in `SOURCES` under the spec class it builds; later sources (resnet50, a text encoder,
-a fraud MLP) and variants (fp16, int8, TensorRT) slot in there and in `VARIANTS`.
+Any failure raises a `BuildError` naming the model and the stage; nothing is published before
+every variant has passed, so the published artifacts and manifest of the last good build stay as
+they were. A source stage is a module (see `SourceStage`) registered in `SOURCES` under the spec
+class it builds; the precisions a spec may ask for are `VARIANTS`.
 
 Only the standard library, numpy and kiln's core modules are imported at module level, so the
 `kiln` CLI registers `build` without torch installed (running it then says to install
@@ -28,18 +39,20 @@ from __future__ import annotations
 import argparse
 import importlib
 import importlib.util
+import inspect
 import sys
 import time
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING, Any, Protocol, TextIO
 
 from kiln import paths
-from kiln.build.check import BuildError, CheckError, HeldOut
+from kiln.build.check import BudgetError, BuildError, CheckError, HeldOut
 from kiln.spec import (
+    PRECISIONS,
     CheckpointSource,
     DigitsCNNSource,
     FraudMLPSource,
@@ -48,14 +61,20 @@ from kiln.spec import (
     ResNet50Source,
     SpecError,
     TextEncoderSource,
+    Variant,
+    served_name,
     validate,
 )
 
 if TYPE_CHECKING:
+    import numpy as np
     from torch import nn
+
+    from kiln.build.quantize import Int8Settings
 
 __all__ = [
     "AccuracyError",
+    "BudgetError",
     "BuildError",
     "BuildResult",
     "SOURCES",
@@ -91,8 +110,14 @@ SOURCES: dict[type, SourceEntry] = {
 """Source spec class -> its source stage. Listed here, not imported, so an up-to-date check
 hashes the stage's code without importing torch."""
 EXPORT_MODULE = "kiln.build.export"
-VARIANTS = ("fp32",)
-"""Artifacts built per model, in order; the first is the one published for serving."""
+QUANTIZE_MODULE = "kiln.build.quantize"
+"""Produces the FP16 and INT8 variants; hashed into the source hash of a model that has one."""
+TENSORRT_MODULE = "kiln.build.tensorrt"
+"""The TensorRT stage (optional module): called once per built model, see `_tensorrt_stage`."""
+VARIANTS = PRECISIONS
+"""Precisions the pipeline builds (a spec's `build.variants` picks among them; fp32 first)."""
+REFERENCE = "fp32"
+"""The variant every other is measured against: the first of `build.variants`."""
 BUILT = "built"
 UP_TO_DATE = "up to date"
 BUILD_EXTRA_MODULES = ("torch", "onnx", "onnxruntime", "sklearn")
@@ -102,15 +127,50 @@ EXIT_BUILD_FAILED = 1
 EXIT_BAD_INPUT = 2
 """Invalid spec, unknown model name, or the build extra is missing."""
 BYTES_PER_KIB = 1024
+REFERENCE_TORCH = "FP32 PyTorch"
+REFERENCE_ONNX = "FP32 source ONNX"
+"""How the FP32 reference is named in messages: a trained PyTorch model, or a source's own ONNX."""
+NOT_SERVED = "-"
+"""The table's 'served as' cell of a variant kept in the artifacts folder only."""
+
+Progress = Callable[[str], None]
 
 
 class SourceStage(Protocol):
     """What a source-stage module provides (`kiln.build.digits` is one).
 
     Its code is hashed into the source hash: a change to it rebuilds the model.
+
+    Required: `held_out`, and either `train` + `save_checkpoint` (a PyTorch model, exported by
+    `kiln.build.export`) or the optional `export_onnx` (a source that already is ONNX).
+
+    Every function below that declares a parameter named `spec` gets the model's `ModelSpec` as
+    the keyword `spec=` (a stage that reads its held-out data or verifies its ONNX against the
+    spec, like `kiln.build.user_source`); the others get the arguments shown.
+
+    Optional hooks, looked up with `hasattr` on the module:
+
+    - `export_onnx(source, dest: Path) -> Path`: writes the FP32 ONNX model to `dest` (or returns
+      where it is) INSTEAD of training and exporting: `train` and `save_checkpoint` are not
+      called, the FP32 reference outputs come from running that ONNX file in a plain ONNX
+      Runtime CPU session, `min_accuracy` applies to its metric, and the check stage compares the
+      served file (through kiln_onnx's loader) with it (trivially the same model). The manifest
+      records no checkpoint and the exporter "source onnx".
+    - `exports_onnx(source) -> bool`: for a module serving several source kinds, whether this
+      source takes the `export_onnx` path; without it, having `export_onnx` decides.
+    - `extra_files(source, model, workdir: Path) -> dict[str, Path]`: files to publish beside
+      `model.onnx` in every served variant's version folder (a tokenizer, feature statistics),
+      keyed by their file name there (one plain name; not `model.onnx` or `manifest.json`).
+      `model` is the trained module, or None for an `export_onnx` source; `workdir` is the
+      model's artifacts folder. Called once per build, after the check; each file's sha256 is
+      recorded per served variant in the manifest, and a changed or missing published file
+      rebuilds the model.
+    - `int8_settings(source) -> kiln.build.quantize.Int8Settings`: calibration and quantization
+      settings for the INT8 variant (e.g. `exclude_op_types=("Softmax",)` to keep ops in FP32);
+      `kiln.build.quantize.INT8_DEFAULTS` when absent.
     """
 
-    def train(self, source: Any, progress: Callable[[str], None] | None = None) -> nn.Module:
+    def train(self, source: Any, progress: Progress | None = None) -> nn.Module:
         """Trains (or loads) the PyTorch model; returns it in eval mode."""
         ...
 
@@ -119,7 +179,7 @@ class SourceStage(Protocol):
         ...
 
     def held_out(self, source: Any) -> HeldOut:
-        """Held-out inputs and the metric that scores outputs on them."""
+        """Held-out inputs (evaluation and calibration) and the metric that scores outputs."""
         ...
 
 
@@ -133,21 +193,25 @@ class SelectionError(BuildError):
 
 @dataclass(frozen=True)
 class BuildResult:
-    """One built (or already up-to-date) artifact.
+    """One built (or already up-to-date) variant of a model.
 
     Attributes:
         model: Model name.
-        variant: "fp32" (later "fp16", "int8", ...).
+        variant: The precision: "fp32", "fp16" or "int8".
         status: "built" or "up to date".
         metric: The metric's name, e.g. "test accuracy".
-        metric_onnx: The metric of the published artifact under ONNX Runtime.
-        metric_torch: The metric of the PyTorch model.
-        size_bytes: Size of the published artifact.
+        metric_onnx: This variant's metric under ONNX Runtime (through kiln_onnx's loader).
+        metric_torch: The FP32 reference's metric (the PyTorch model's; for a source that is
+            ONNX, its own ONNX model's).
+        size_bytes: Size of the variant's artifact.
         latency_ms: Median single-item ONNX Runtime latency (measured at build time).
-        artifact: The published file.
+        artifact: The published file, or the artifact in the artifacts folder when not served.
         manifest: The build manifest.
-        timings_s: Seconds per stage of this run (empty when up to date).
+        timings_s: Seconds per stage of this run (the model's stages; empty when up to date).
         reason: Why it was built, or "up to date".
+        metric_drop: `metric_torch - metric_onnx`.
+        max_metric_drop: The variant's budget (`Variant.max_metric_drop`).
+        served_as: The model-repository name it is served under; None when not served.
     """
 
     model: str
@@ -162,6 +226,9 @@ class BuildResult:
     manifest: Path
     timings_s: Mapping[str, float] = field(default_factory=dict)
     reason: str = ""
+    metric_drop: float = 0.0
+    max_metric_drop: float = 0.0
+    served_as: str | None = None
 
 
 def source_stage(spec: ModelSpec) -> SourceStage:
@@ -227,25 +294,333 @@ def _select(specs: Sequence[ModelSpec], only: Collection[str] | None) -> list[Mo
     return [s for s in specs if s.name in set(only)]
 
 
-def _result_from_manifest(
-    spec: ModelSpec, manifest: Mapping[str, Any], repository: Path, manifest_file: Path
-) -> BuildResult:
-    variant = VARIANTS[0]
-    entry = manifest["variants"][variant]
-    metric, values = next(iter(entry["metrics"].items()))
-    return BuildResult(
-        model=spec.name,
-        variant=variant,
-        status=UP_TO_DATE,
-        metric=metric,
-        metric_onnx=float(values["onnxruntime"]),
-        metric_torch=float(values["pytorch"]),
-        size_bytes=int(entry["size_bytes"]),
-        latency_ms=float(entry["latency_ms_batch1"]),
-        artifact=repository / entry["published"],
-        manifest=manifest_file,
-        reason=UP_TO_DATE,
+def _results_from_manifest(
+    spec: ModelSpec,
+    manifest: Mapping[str, Any],
+    *,
+    artifacts: Path,
+    repository: Path,
+    manifest_file: Path,
+) -> list[BuildResult]:
+    """One up-to-date result per variant the manifest records, in spec order."""
+    results = []
+    for precision, entry in manifest["variants"].items():
+        metric, values = next(iter(entry["metrics"].items()))
+        published = entry.get("published")
+        results.append(
+            BuildResult(
+                model=spec.name,
+                variant=precision,
+                status=UP_TO_DATE,
+                metric=metric,
+                metric_onnx=float(values["onnxruntime"]),
+                metric_torch=float(values["reference"]),
+                size_bytes=int(entry["size_bytes"]),
+                latency_ms=float(entry["latency_ms_batch1"]),
+                artifact=repository / published if published else artifacts / entry["artifact"],
+                manifest=manifest_file,
+                reason=UP_TO_DATE,
+                metric_drop=float(entry["metric_drop"]),
+                max_metric_drop=float(entry["max_metric_drop"]),
+                served_as=entry.get("served_as"),
+            )
+        )
+    return results
+
+
+@dataclass
+class _Built:
+    """A variant produced and evaluated in this run, not yet published."""
+
+    variant: Variant
+    index: int
+    artifact: Path
+    metric: float
+    drop: float
+    latency_ms: float
+    max_abs_error: float
+    timings_s: dict[str, float]
+    details: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def precision(self) -> str:
+        return self.variant.precision
+
+
+@dataclass
+class _Reference:
+    """The FP32 reference: its outputs on the held-out inputs and their metric."""
+
+    held: HeldOut
+    outputs: dict[str, np.ndarray]
+    metric: float
+    name: str
+    model: Any
+    checkpoint: Path | None
+    exporter: str
+
+
+def _hash_inputs(spec: ModelSpec, exporter: str | None) -> dict[str, Any]:
+    from kiln.build import publish
+
+    assert spec.build is not None
+    entry = SOURCES[type(spec.build.source)]
+    source_file = _module_file(entry.module)
+    code = {f"source:{source_file.name}": source_file, "export.py": _module_file(EXPORT_MODULE)}
+    if any(v.precision != REFERENCE for v in spec.build.variants):
+        code["quantize.py"] = _module_file(QUANTIZE_MODULE)
+    return publish.hash_inputs(
+        spec,
+        code=code,
+        tools=publish.tool_versions(entry.tools),
+        # None is export.py's default; a change of that default changes export.py's hash. The
+        # variants and their budgets are part of `spec.build`.
+        settings={"exporter": exporter, "version": publish.VERSION},
     )
+
+
+def _reference(
+    spec: ModelSpec,
+    stage: SourceStage,
+    *,
+    log: _Log,
+    artifacts: Path,
+    exporter: str | None,
+) -> tuple[_Reference, Path]:
+    """Trains and exports (or takes the source's ONNX); returns the reference and the FP32 ONNX."""
+    from kiln.build import check, publish
+
+    assert spec.build is not None
+    build_spec = spec.build
+    name, source, tag = spec.name, spec.build.source, f"[{spec.name}]"
+    minimum = build_spec.min_accuracy
+    exported = publish.export_path(name, REFERENCE, artifacts)
+
+    if _is_onnx_source(stage, source):
+        with log.stage("export"):
+            log.say(f"{tag} export: {type(source).__name__} is ONNX already; no training")
+            exported = Path(_call(stage.export_onnx, source, exported, spec=spec))  # type: ignore[attr-defined]
+            held = _call(stage.held_out, source, spec=spec)
+            outputs = check.run_batched(check.onnx_runner(exported, spec), spec, held.inputs)
+            listed = [outputs[t.name] for t in spec.outputs]
+            metric = held.score(listed, listed)
+        reference = _Reference(held, outputs, metric, REFERENCE_ONNX, None, None, "source onnx")
+        log.say(
+            f"{tag} export: {_show(exported)}; reference outputs from ONNX Runtime; {held.metric} "
+            f"{metric:.4f} on {held.size} held-out items  [{log.timings['export']:.2f} s]"
+        )
+        stage_name = "export"
+    else:
+        from kiln.build import export
+
+        exporter = exporter or export.DEFAULT_EXPORTER
+        with log.stage("train"):
+            log.say(f"{tag} train: {source}")
+            model = _call(stage.train, source, lambda line: log.say(f"{tag}   {line}"), spec=spec)
+            checkpoint = stage.save_checkpoint(model, publish.checkpoint_path(name, artifacts))
+            held = _call(stage.held_out, source, spec=spec)
+            outputs = check.run_batched(check.torch_runner(model, spec), spec, held.inputs)
+            listed = [outputs[t.name] for t in spec.outputs]
+            metric = held.score(listed, listed)
+        reference = _Reference(held, outputs, metric, REFERENCE_TORCH, model, checkpoint, exporter)
+        log.say(
+            f"{tag} train: PyTorch {held.metric} {metric:.4f} on {held.size} held-out items"
+            + (f" (minimum {minimum:g})" if minimum is not None else "")
+            + f"; checkpoint {_show(checkpoint)}  [{log.timings['train']:.1f} s]"
+        )
+        stage_name = "train"
+    if minimum is not None and metric < minimum:
+        raise AccuracyError(
+            name,
+            stage_name,
+            f"{reference.name.removeprefix('FP32 ')} {held.metric} {metric:.4f} is below "
+            f"build.min_accuracy {minimum:g} ({held.size} held-out items, "
+            f"{type(source).__name__} {source})",
+        )
+    if reference.model is not None:
+        from kiln.build import export
+
+        with log.stage("export"):
+            export.export_onnx(
+                reference.model,
+                spec,
+                export.example_inputs(spec, held.inputs),
+                exported,
+                exporter=reference.exporter,
+            )
+        log.say(
+            f"{tag} export: {_show(exported)} ({reference.exporter} exporter, opset "
+            f"{build_spec.opset}, symbolic batch dim '{export.BATCH_DIM}'; checker and signature "
+            f"ok)  [{log.timings['export']:.2f} s]"
+        )
+    return reference, exported
+
+
+def _takes_spec(function: Callable[..., Any]) -> bool:
+    try:
+        return "spec" in inspect.signature(function).parameters
+    except (TypeError, ValueError):  # a builtin or C function: no signature to read
+        return False
+
+
+def _call(function: Callable[..., Any], *args: Any, spec: ModelSpec) -> Any:
+    """Calls a source-stage function, adding `spec=` when it declares that parameter."""
+    return function(*args, spec=spec) if _takes_spec(function) else function(*args)
+
+
+def _is_onnx_source(stage: SourceStage, source: Any) -> bool:
+    """Whether `source` takes the `export_onnx` path (see `SourceStage`)."""
+    decides = getattr(stage, "exports_onnx", None)
+    if decides is not None:
+        return bool(decides(source))
+    return hasattr(stage, "export_onnx")
+
+
+def _int8_settings(spec: ModelSpec, stage: SourceStage, source: Any) -> Int8Settings:
+    """The source stage's INT8 settings (its optional `int8_settings` hook), else the defaults."""
+    from kiln.build import quantize
+
+    hook = getattr(stage, "int8_settings", None)
+    if hook is None:
+        return quantize.INT8_DEFAULTS
+    settings = _call(hook, source, spec=spec)
+    if not isinstance(settings, quantize.Int8Settings):
+        raise quantize.QuantizeError(
+            spec.name,
+            "int8",
+            f"the source stage's int8_settings hook must return kiln.build.quantize.Int8Settings, "
+            f"got {type(settings).__name__}",
+        )
+    return settings
+
+
+def _build_variant(
+    spec: ModelSpec,
+    variant: Variant,
+    index: int,
+    *,
+    stage: SourceStage,
+    reference: _Reference,
+    fp32: Path,
+    log: _Log,
+    artifacts: Path,
+) -> _Built:
+    """Produces one further variant from the FP32 ONNX, evaluates it and gates it on its budget."""
+    from kiln.build import check, publish, quantize
+
+    assert spec.build is not None
+    name, precision, tag = spec.name, variant.precision, f"[{spec.name}]"
+    held = reference.held
+    artifact = publish.export_path(name, precision, artifacts)
+    details: dict[str, Any] = {}
+    progress = lambda line: log.say(f"{tag}   {line}")  # noqa: E731
+    with log.stage(precision):
+        start = time.perf_counter()
+        if precision == "fp16":
+            quantize.to_fp16(fp32, artifact, spec, held.inputs, progress)
+            what = "FP16 weights and activations, FP32 inputs/outputs"
+        elif precision == "int8":
+            settings = _int8_settings(spec, stage, spec.build.source)
+            items = int(held.calibration[0].shape[0]) if held.calibration else 0
+            log.say(
+                f"{tag} int8: calibrating on {items} held-out calibration items "
+                f"({settings.method}, batch {quantize.calibration_batch_size(spec, settings)})"
+            )
+            quantize.to_int8(fp32, artifact, spec, held.calibration, progress, settings)
+            details["int8"] = {**settings.record(), "calibration_items": items}
+            what = (
+                f"INT8 QDQ, {settings.activation_type} activations, {settings.weight_type} "
+                f"{'per-channel ' if settings.per_channel else ''}weights, {settings.method} "
+                "calibration"
+            )
+        else:
+            raise BuildError(name, precision, f"no producer for precision {precision!r}")
+        produced = time.perf_counter()
+        served = replace(spec, name=served_name(name, precision))
+        run = check.artifact_runner(artifact, served)
+        candidate = check.run_batched(run, spec, held.inputs)
+        metric = held.score([candidate[t.name] for t in spec.outputs],
+                            [reference.outputs[t.name] for t in spec.outputs])
+        comparison = check.compare(candidate, reference.outputs, spec.build.tolerance)
+        latency = check.latency_ms(run, spec, held.inputs)
+        timings = {"produce": produced - start, "evaluate": time.perf_counter() - produced}
+    size = artifact.stat().st_size
+    fp32_size = fp32.stat().st_size
+    log.say(
+        f"{tag} {precision}: {_show(artifact)} ({what}; {_size(size)}, {size / fp32_size:.2f}x "
+        f"FP32's); {held.metric} {metric:.4f} vs {reference.name} {reference.metric:.4f} "
+        f"(drop {reference.metric - metric:.4f}, budget {variant.max_metric_drop:g}); max abs "
+        f"error vs FP32 {comparison.max_abs:.3g}; latency {latency:.3f} ms at batch 1  "
+        f"[{log.timings[precision]:.2f} s]"
+    )
+    drop = check.check_budget(
+        name,
+        precision,
+        held.metric,
+        metric,
+        reference.metric,
+        variant.max_metric_drop,
+        reference_name=reference.name,
+        detail=(
+            f"build.variants[{index}] of {held.size} held-out items; nothing was published (the "
+            f"last good build's artifacts stay); the rejected artifact is {_show(artifact)}"
+        ),
+    )
+    return _Built(
+        variant, index, artifact, metric, drop, latency, comparison.max_abs, timings, details
+    )
+
+
+def _tensorrt_stage(
+    spec: ModelSpec,
+    onnx_artifacts: Mapping[str, Path],
+    workdir: Path,
+    held: HeldOut,
+    log: _Log,
+) -> list[Any]:
+    """THE call site of the TensorRT stage (`kiln.build.tensorrt.compile_stage`), once per built
+    model, after every variant passed and before anything is published.
+
+    Returns its engine records ([] where TensorRT or a GPU is absent: it then prints one line).
+    A model with a variable (-1) input dim is not passed on: TensorRT needs that dim's
+    (min, opt, max) range, which no spec field gives yet; a line says so.
+    """
+    if importlib.util.find_spec(TENSORRT_MODULE) is None:
+        return []
+    variable = [t.name for t in spec.inputs if -1 in t.dims]
+    if variable:
+        log.say(
+            f"[{spec.name}] tensorrt: skipped: input(s) {', '.join(variable)} have a variable (-1) "
+            "dim and the spec gives no TensorRT dim range; the repository serves the ONNX artifacts"
+        )
+        return []
+    tensorrt = importlib.import_module(TENSORRT_MODULE)
+    return list(tensorrt.compile_stage(spec, onnx_artifacts, workdir, log.say, inputs=held.inputs))
+
+
+def _variant_entry(
+    spec: ModelSpec, built: _Built, reference: _Reference, artifacts: Path
+) -> dict[str, Any]:
+    from kiln.build import publish
+
+    return {
+        "precision": built.precision,
+        "serve": built.variant.serve,
+        "served_as": served_name(spec.name, built.precision) if built.variant.serve else None,
+        "artifact": built.artifact.relative_to(artifacts).as_posix(),
+        "sha256": publish.sha256_file(built.artifact),
+        "size_bytes": built.artifact.stat().st_size,
+        "metrics": {
+            reference.held.metric: {"reference": reference.metric, "onnxruntime": built.metric}
+        },
+        "reference": reference.name,
+        "metric_drop": built.drop,
+        "max_metric_drop": built.variant.max_metric_drop,
+        "max_abs_error_vs_fp32": built.max_abs_error,
+        "latency_ms_batch1": built.latency_ms,
+        "timings_s": {k: round(v, 3) for k, v in built.timings_s.items()},
+        **built.details,
+    }
 
 
 def _build_model(
@@ -256,81 +631,45 @@ def _build_model(
     artifacts: Path,
     repository: Path,
     exporter: str | None,
-) -> BuildResult:
+) -> list[BuildResult]:
     from kiln.build import check, publish  # numpy and the standard library only
 
     assert spec.build is not None
     build_spec = spec.build
-    entry = SOURCES[type(build_spec.source)]
-    variant = VARIANTS[0]
     name = spec.name
     tag = f"[{name}]"
 
-    source_file = _module_file(entry.module)
-    inputs = publish.hash_inputs(
-        spec,
-        code={f"source:{source_file.name}": source_file, "export.py": _module_file(EXPORT_MODULE)},
-        tools=publish.tool_versions(entry.tools),
-        # None is export.py's default; a change of that default changes export.py's hash.
-        settings={"exporter": exporter, "variants": VARIANTS, "version": publish.VERSION},
-    )
+    inputs = _hash_inputs(spec, exporter)
     expected = publish.source_hash(inputs)
     manifest_file = publish.manifest_path(name, artifacts)
     state = publish.freshness(name, expected, artifacts=artifacts, repository=repository)
     if state.up_to_date and not force:
         assert state.manifest is not None
         log.say(
-            f"{tag} up to date: source hash {expected[:12]} unchanged, published artifact's "
-            "sha256 verified; nothing to rebuild"
+            f"{tag} up to date: source hash {expected[:12]} unchanged, every variant's artifact "
+            f"sha256 verified ({', '.join(state.manifest['variants'])}); nothing to rebuild"
         )
-        return _result_from_manifest(spec, state.manifest, repository, manifest_file)
+        return _results_from_manifest(
+            spec, state.manifest, artifacts=artifacts, repository=repository,
+            manifest_file=manifest_file,
+        )
     reason = "forced (--force)" if force else state.reason
-    log.say(f"{tag} building ({reason})")
+    log.say(f"{tag} building ({reason}): variants {', '.join(v.precision for v in build_spec.variants)}")
 
-    # The stages import torch, onnx and onnxruntime: only when something is built.
-    from kiln.build import export
-
-    stage = source_stage(spec)
-    exporter = exporter or export.DEFAULT_EXPORTER
+    stage = source_stage(spec)  # imports torch
     log.timings.clear()
-    source = build_spec.source
-    with log.stage("train"):
-        log.say(f"{tag} train: {source}")
-        model = stage.train(source, lambda line: log.say(f"{tag}   {line}"))
-        checkpoint = stage.save_checkpoint(model, publish.checkpoint_path(name, artifacts))
-        held = stage.held_out(source)
-        reference = check.run_batched(check.torch_runner(model, spec), spec, held.inputs)
-        reference_outputs = [reference[t.name] for t in spec.outputs]
-        metric_torch = held.score(reference_outputs, reference_outputs)
+    reference, exported = _reference(spec, stage, log=log, artifacts=artifacts, exporter=exporter)
+    held = reference.held
     minimum = build_spec.min_accuracy
-    log.say(
-        f"{tag} train: PyTorch {held.metric} {metric_torch:.4f} on {held.size} held-out items"
-        + (f" (minimum {minimum:g})" if minimum is not None else "")
-        + f"; checkpoint {_show(checkpoint)}  [{log.timings['train']:.1f} s]"
-    )
-    if minimum is not None and metric_torch < minimum:
-        raise AccuracyError(
-            name,
-            "train",
-            f"PyTorch {held.metric} {metric_torch:.4f} is below build.min_accuracy {minimum:g} "
-            f"({held.size} held-out items, {type(source).__name__} {source})",
-        )
-
-    exported = publish.export_path(name, variant, artifacts)
-    with log.stage("export"):
-        export.export_onnx(
-            model, spec, export.example_inputs(spec, held.inputs), exported, exporter=exporter
-        )
-    log.say(
-        f"{tag} export: {_show(exported)} ({exporter} exporter, opset {build_spec.opset}, "
-        f"symbolic batch dim '{export.BATCH_DIM}'; checker and signature ok)  "
-        f"[{log.timings['export']:.2f} s]"
-    )
 
     with log.stage("check"):
         run = check.artifact_runner(exported, spec)
         candidate = check.run_batched(run, spec, held.inputs)
-        comparison = check.assert_close(name, candidate, reference, build_spec.tolerance)
+        reference_outputs = [reference.outputs[t.name] for t in spec.outputs]
+        comparison = check.assert_close(
+            name, candidate, reference.outputs, build_spec.tolerance,
+            reference_name=reference.name.removeprefix("FP32 "),
+        )
         metric_onnx = held.score([candidate[t.name] for t in spec.outputs], reference_outputs)
         if minimum is not None and metric_onnx < minimum:
             raise AccuracyError(
@@ -342,71 +681,175 @@ def _build_model(
         latency = check.latency_ms(run, spec, held.inputs)
     tol = build_spec.tolerance
     log.say(
-        f"{tag} check: ONNX Runtime vs PyTorch on {held.size} held-out items: max abs error "
-        f"{comparison.max_abs:.2g}, max rel error {comparison.max_rel:.2g} (atol {tol.atol:g}, "
-        f"rtol {tol.rtol:g}); ONNX Runtime {held.metric} {metric_onnx:.4f}; latency "
-        f"{latency:.3f} ms at batch 1  [{log.timings['check']:.2f} s]"
+        f"{tag} check: ONNX Runtime vs {reference.name.removeprefix('FP32 ')} on {held.size} "
+        f"held-out items: max abs error {comparison.max_abs:.2g}, max rel error "
+        f"{comparison.max_rel:.2g} (atol {tol.atol:g}, rtol {tol.rtol:g}); ONNX Runtime "
+        f"{held.metric} {metric_onnx:.4f}; latency {latency:.3f} ms at batch 1  "
+        f"[{log.timings['check']:.2f} s]"
     )
+    fp32_variant = build_spec.variants[0]
+    built = [
+        _Built(
+            variant=fp32_variant,
+            index=0,
+            artifact=exported,
+            metric=metric_onnx,
+            drop=reference.metric - metric_onnx,
+            latency_ms=latency,
+            max_abs_error=comparison.max_abs,
+            timings_s={k: log.timings[k] for k in ("train", "export", "check") if k in log.timings},
+            details={
+                "exporter": reference.exporter,
+                "opset": build_spec.opset,
+                "checkpoint": (
+                    reference.checkpoint.relative_to(artifacts).as_posix()
+                    if reference.checkpoint is not None
+                    else None
+                ),
+                "check": {
+                    "held_out_items": held.size,
+                    "worst_output": comparison.worst.name,
+                    "max_abs_error": comparison.max_abs,
+                    "max_rel_error": comparison.max_rel,
+                    "atol": tol.atol,
+                    "rtol": tol.rtol,
+                },
+            },
+        )
+    ]
+
+    extra: dict[str, Path] = {}
+    if hasattr(stage, "extra_files"):
+        workdir = publish.model_artifacts(name, artifacts)
+        extra = dict(
+            _call(stage.extra_files, build_spec.source, reference.model, workdir, spec=spec)  # type: ignore[attr-defined]
+        )
+        for file_name, path in extra.items():
+            try:
+                publish.check_extra_name(name, file_name)
+            except ValueError as error:
+                raise BuildError(name, "files", f"extra_files: {error}") from None
+            if not Path(path).is_file():
+                raise BuildError(
+                    name, "files", f"extra_files names {file_name!r} -> {path}, which does not exist"
+                )
+        if extra:
+            log.say(
+                f"{tag} files: "
+                + ", ".join(f"{n} ({_size(Path(p).stat().st_size)})" for n, p in extra.items())
+                + " (published beside each served variant)"
+            )
+
+    for index, variant in enumerate(build_spec.variants[1:], start=1):
+        built.append(
+            _build_variant(
+                spec, variant, index, stage=stage, reference=reference, fp32=exported, log=log,
+                artifacts=artifacts,
+            )
+        )
+
+    with log.stage("tensorrt"):
+        engines = _tensorrt_stage(
+            spec, {b.precision: b.artifact for b in built}, publish.model_artifacts(name, artifacts),
+            held, log,
+        )
+    if not engines:
+        del log.timings["tensorrt"]
 
     with log.stage("publish"):
-        published = publish.publish_artifact(name, exported, repository=repository)
-    variants = {
-        variant: {
-            "published": published.relative,
-            "sha256": published.sha256,
-            "size_bytes": published.size_bytes,
-            "exported": exported.relative_to(artifacts).as_posix(),
-            "checkpoint": checkpoint.relative_to(artifacts).as_posix(),
-            "exporter": exporter,
-            "opset": build_spec.opset,
-            "metrics": {held.metric: {"pytorch": metric_torch, "onnxruntime": metric_onnx}},
-            "check": {
-                "held_out_items": held.size,
-                "worst_output": comparison.worst.name,
-                "max_abs_error": comparison.max_abs,
-                "max_rel_error": comparison.max_rel,
-                "atol": tol.atol,
-                "rtol": tol.rtol,
-            },
-            "latency_ms_batch1": latency,
-        }
-    }
-    document = publish.manifest_document(
-        spec, inputs=inputs, variants=variants, timings_s=log.timings
-    )
+        entries: dict[str, dict[str, Any]] = {}
+        published_paths: dict[str, Path] = {}
+        for item in built:
+            entry = _variant_entry(spec, item, reference, artifacts)
+            if item.variant.serve:
+                served = served_name(name, item.precision)
+                copy = publish.publish_artifact(served, item.artifact, repository=repository)
+                files = publish.publish_files(served, extra, repository=repository)
+                entry["published"] = copy.relative
+                entry["files"] = {
+                    n: {"published": f.relative, "sha256": f.sha256, "size_bytes": f.size_bytes}
+                    for n, f in files.items()
+                }
+                published_paths[item.precision] = copy.path
+            entries[item.precision] = entry
+    # The manifest goes last: until it is written, `freshness` sees the previous build's (whose
+    # recorded sha256 no longer match what was just copied), so an interrupted publish rebuilds.
+    document = publish.manifest_document(spec, inputs=inputs, variants=entries, timings_s=log.timings)
+    if engines:
+        document["tensorrt"] = [publish.plain_data(record) for record in engines]
+    served_names = [e["served_as"] for e in entries.values() if e["served_as"]]
     manifest_file = publish.write_manifest(
-        name, document, artifacts=artifacts, repository=repository
+        name, document, artifacts=artifacts, repository=repository, served=served_names
     )
+    removed = _unpublish_dropped(state.manifest, entries, repository)
     log.say(
-        f"{tag} publish: {_show(published.path)} ({_size(published.size_bytes)}, sha256 "
-        f"{published.sha256[:12]}); manifest {_show(manifest_file)}  "
-        f"[{log.timings['publish']:.2f} s]"
+        f"{tag} publish: "
+        + "; ".join(
+            f"{p} -> {_show(path)}" for p, path in published_paths.items()
+        )
+        + (f"; extra files {', '.join(extra)}" if extra else "")
+        + f"; manifest {_show(manifest_file)}  [{log.timings['publish']:.2f} s]"
     )
-    return BuildResult(
-        model=name,
-        variant=variant,
-        status=BUILT,
-        metric=held.metric,
-        metric_onnx=metric_onnx,
-        metric_torch=metric_torch,
-        size_bytes=published.size_bytes,
-        latency_ms=latency,
-        artifact=published.path,
-        manifest=manifest_file,
-        timings_s=dict(log.timings),
-        reason=reason,
-    )
+    for path in removed:
+        log.say(f"{tag} publish: removed {_show(path)} (no longer a served variant of the spec)")
+    timings = dict(log.timings)
+    return [
+        BuildResult(
+            model=name,
+            variant=item.precision,
+            status=BUILT,
+            metric=held.metric,
+            metric_onnx=item.metric,
+            metric_torch=reference.metric,
+            size_bytes=item.artifact.stat().st_size,
+            latency_ms=item.latency_ms,
+            artifact=published_paths.get(item.precision, item.artifact),
+            manifest=manifest_file,
+            timings_s=timings,
+            reason=reason,
+            metric_drop=item.drop,
+            max_metric_drop=item.variant.max_metric_drop,
+            served_as=entries[item.precision]["served_as"],
+        )
+        for item in built
+    ]
+
+
+def _unpublish_dropped(
+    previous: Mapping[str, Any] | None, entries: Mapping[str, Mapping[str, Any]], repository: Path
+) -> list[Path]:
+    """Removes what the previous build published and this one did not (a variant dropped from
+    the spec or no longer served; an extra file no longer given)."""
+    from kiln.build import publish
+
+    if not previous or not isinstance(previous.get("variants"), dict):
+        return []
+
+    def published(variants: Mapping[str, Any]) -> set[str]:
+        found = set()
+        for entry in variants.values():
+            if not isinstance(entry, Mapping) or not entry.get("published"):
+                continue
+            found.add(str(entry["published"]))
+            found.add(str(Path(str(entry["published"])).parent / publish.MANIFEST_NAME))
+            found.update(str(f.get("published")) for f in dict(entry.get("files") or {}).values())
+        return found
+
+    stale = published(previous["variants"]) - published(entries)
+    return publish.remove_published(sorted(stale), repository=repository)
 
 
 def _table(results: Sequence[BuildResult]) -> list[str]:
-    header = ("model", "variant", "metric", "size", "latency b=1", "status")
+    header = ("model", "variant", "metric", "drop (budget)", "size", "latency b=1", "served as", "status")
     rows = [
         (
             r.model,
             r.variant,
             f"{r.metric} {r.metric_onnx:.4f}",
+            f"{r.metric_drop:.4f}" + (f" ({r.max_metric_drop:g})" if r.variant != REFERENCE else ""),
             _size(r.size_bytes),
             f"{r.latency_ms:.3f} ms",
+            r.served_as or NOT_SERVED,
             r.status,
         )
         for r in results
@@ -443,7 +886,7 @@ def build(
         exporter: "torchscript" or "dynamo"; `kiln.build.export.DEFAULT_EXPORTER` when None.
 
     Returns:
-        One result per built or up-to-date model, in spec order.
+        One result per variant of each built or up-to-date model, in spec order.
 
     Raises:
         SpecError: a spec is invalid (nothing was started or written).
@@ -468,8 +911,9 @@ def build(
         f"  (artifacts {_show(artifacts)}, repository {_show(repository)})"
     )
     start = time.perf_counter()
-    results = [
-        _build_model(
+    results: list[BuildResult] = []
+    for spec in buildable:
+        results += _build_model(
             spec,
             force=force,
             log=log,
@@ -477,8 +921,6 @@ def build(
             repository=repository,
             exporter=exporter,
         )
-        for spec in buildable
-    ]
     if results:
         log.say("")
         for line in _table(results):
@@ -486,11 +928,13 @@ def build(
         log.say("")
         for r in results:
             log.say(f"{r.model} ({r.variant}): artifact {_show(r.artifact)}")
-            log.say(f"{r.model}: manifest {_show(r.manifest)}")
-    built = sum(r.status == BUILT for r in results)
+        for manifest in dict.fromkeys((r.model, r.manifest) for r in results):
+            log.say(f"{manifest[0]}: manifest {_show(manifest[1])}")
+    models = list(dict.fromkeys(r.model for r in results))
+    built = [m for m in models if any(r.model == m and r.status == BUILT for r in results)]
     log.say(
-        f"kiln build: {built} built, {len(results) - built} up to date "
-        f"in {time.perf_counter() - start:.1f} s"
+        f"kiln build: {len(built)} built, {len(models) - len(built)} up to date "
+        f"({len(results)} variant(s)) in {time.perf_counter() - start:.1f} s"
     )
     return results
 
@@ -526,11 +970,12 @@ def add_build_command(subparsers: argparse._SubParsersAction) -> argparse.Argume
     """Registers `build` on the `kiln` command's subparsers; sets `func(args) -> exit code`."""
     parser = subparsers.add_parser(
         "build",
-        help="train, export, check and publish every model with a build section",
+        help="train, export, quantize, check and publish every model with a build section",
         description=(
             "Validate the spec (build/specs/), then per model: train, export to ONNX, check ONNX "
-            "Runtime against PyTorch, publish into the model repository with a build manifest. "
-            "A model whose spec, code and tools are unchanged is not rebuilt."
+            "Runtime against PyTorch, build the FP16/INT8 variants and gate each on its accuracy "
+            "budget, publish every served variant into the model repository with a build "
+            "manifest. A model whose spec, code and tools are unchanged is not rebuilt."
         ),
     )
     parser.add_argument(

@@ -2,19 +2,25 @@
 
 Layout (folders come from `kiln.paths`, or the caller in tests):
 
-    <artifacts>/<model>/checkpoint.pt         trained weights (state_dict)
-    <artifacts>/<model>/<variant>.onnx        exported artifact, e.g. fp32.onnx
-    <artifacts>/<model>/manifest.json         the build manifest
-    <repository>/<model>/<version>/model.onnx the served artifact (a copy of the variant)
-    <repository>/<model>/<version>/manifest.json  a copy of the manifest, to trace a deployment
+    <artifacts>/<model>/checkpoint.pt           trained weights (state_dict)
+    <artifacts>/<model>/<precision>.onnx        each variant's artifact: fp32.onnx, fp16.onnx, int8.onnx
+    <artifacts>/<model>/manifest.json           the build manifest (every variant)
+    <repository>/<served>/<version>/model.onnx  a served variant (a copy of its artifact); <served>
+                                                is `kiln.spec.served_name(model, precision)`:
+                                                `digits`, `digits_fp16`, `digits_int8`
+    <repository>/<served>/<version>/<file>      a source's extra files (tokenizer, statistics)
+    <repository>/<served>/<version>/manifest.json  a copy of the manifest, to trace a deployment
+
+A variant that is not served stays in the artifacts folder only.
 
 Every file is written atomically (a temporary file in the same folder, then `os.replace`), so the
 server never loads a half-written model and an interrupted build leaves the old artifact in place.
 
 A model is up to date when its manifest's source hash equals the one computed now (the build
-spec, the tensor signature, the code of the stages that shape the artifact, the tool versions)
-and every published artifact still has the sha256 the manifest records. Only the standard library
-is imported here.
+spec with its variants and budgets, the tensor signature, the code of the stages that shape the
+artifacts, the tool versions) and every variant's artifact, every published copy and every
+published extra file still has the sha256 the manifest records. Only the standard library is
+imported here.
 """
 
 from __future__ import annotations
@@ -42,7 +48,9 @@ CHECKPOINT_NAME = "checkpoint.pt"
 MANIFEST_NAME = "manifest.json"
 PUBLISHED_NAME = "model.onnx"
 """File name in the version folder; kiln_onnx's `model_filename` parameter defaults to it."""
-MANIFEST_FORMAT = 1
+RESERVED_NAMES = (PUBLISHED_NAME, MANIFEST_NAME)
+"""Names in a version folder that an extra file may not take."""
+MANIFEST_FORMAT = 2
 """Bumped when the manifest's layout changes: an older manifest then means "rebuild"."""
 BASE_TOOLS = ("torch", "onnx", "onnxruntime", "numpy")
 """Distributions whose versions every build records and hashes (sources add their own)."""
@@ -154,6 +162,11 @@ def _plain(value: Any) -> Any:
     return value
 
 
+def plain_data(value: Any) -> Any:
+    """A dataclass tree as JSON-able data (each dataclass records its type name)."""
+    return _plain(value)
+
+
 def hash_inputs(
     spec: ModelSpec,
     code: Mapping[str, Path],
@@ -211,14 +224,50 @@ def read_manifest(path: Path) -> dict[str, Any] | None:
     return document if isinstance(document, dict) else None
 
 
+def _file_state(path: Path, sha256: Any, what: str) -> str | None:
+    """Why `path` is not the recorded file, or None when it is."""
+    if not path.is_file():
+        return f"{what} {path} is missing"
+    if sha256_file(path) != sha256:
+        return f"{what} {path} changed since the build"
+    return None
+
+
+def recorded_files(
+    precision: str, entry: Mapping[str, Any], artifacts_root: Path, repository_root: Path
+) -> list[tuple[str, Path, Any]]:
+    """The files a manifest's variant entry records: (description, path, sha256) each.
+
+    The variant's artifact in the artifacts folder (`artifact`, relative to it), its published
+    copy (`published`, relative to the model repository, absent when not served) and its
+    published extra files (`files`: name -> {"published", "sha256"}).
+    """
+    found = []
+    if entry.get("artifact"):
+        found.append((f"{precision} artifact", artifacts_root / str(entry["artifact"]), entry.get("sha256")))
+    if entry.get("published"):
+        published = repository_root / str(entry["published"])
+        found.append((f"published {precision} artifact", published, entry.get("sha256")))
+    for file_name, file_entry in dict(entry.get("files") or {}).items():
+        found.append(
+            (
+                f"published {precision} file {file_name!r}",
+                repository_root / str(file_entry.get("published", "")),
+                file_entry.get("sha256"),
+            )
+        )
+    return found
+
+
 def freshness(
     name: str, expected_hash: str, *, artifacts: Path | None = None, repository: Path | None = None
 ) -> Freshness:
-    """Compares the manifest of model `name` with `expected_hash` and the published artifacts.
+    """Compares the manifest of model `name` with `expected_hash` and the files it records.
 
     Returns:
-        up_to_date True only when the manifest's source hash equals `expected_hash` and every
-        published artifact it lists exists with the recorded sha256.
+        up_to_date True only when the manifest's source hash equals `expected_hash` and, for every
+        variant it lists, the artifact, the published copy (of a served variant) and the
+        published extra files exist with the recorded sha256.
     """
     manifest = read_manifest(manifest_path(name, artifacts))
     if manifest is None:
@@ -229,14 +278,16 @@ def freshness(
     if not isinstance(variants, dict) or not variants:
         return Freshness(False, "the manifest lists no artifact", manifest)
     root = Path(repository if repository is not None else paths.model_repository())
-    for variant, entry in variants.items():
-        published = root / str(entry.get("published", ""))
-        if not published.is_file():
-            return Freshness(False, f"published {variant} artifact {published} is missing", manifest)
-        if sha256_file(published) != entry.get("sha256"):
-            return Freshness(
-                False, f"published {variant} artifact {published} changed since the build", manifest
-            )
+    artifacts_root = Path(artifacts if artifacts is not None else paths.artifacts_dir())
+    for precision, entry in variants.items():
+        if not isinstance(entry, dict):
+            return Freshness(False, f"the manifest's {precision} entry is unreadable", manifest)
+        if not entry.get("artifact") and not entry.get("published"):
+            return Freshness(False, f"the manifest records no file for {precision}", manifest)
+        for what, path, sha256 in recorded_files(precision, entry, artifacts_root, root):
+            problem = _file_state(path, sha256, what)
+            if problem is not None:
+                return Freshness(False, problem, manifest)
     return Freshness(True, "up to date", manifest)
 
 
@@ -272,6 +323,86 @@ def publish_artifact(
     )
 
 
+def check_extra_name(model: str, file_name: str) -> None:
+    """Refuses an extra file name that is not one plain file name, or that a kiln file uses.
+
+    Raises:
+        ValueError: naming the model, the file name and the rule it breaks.
+    """
+    plain = (
+        isinstance(file_name, str)
+        and file_name not in ("", ".", "..")
+        and Path(file_name).name == file_name
+        and "\\" not in file_name
+    )
+    if not plain:
+        raise ValueError(
+            f"model '{model}': extra file name {file_name!r} must be one plain file name "
+            "(no folders)"
+        )
+    if file_name in RESERVED_NAMES:
+        raise ValueError(
+            f"model '{model}': extra file name {file_name!r} is reserved (kiln writes "
+            f"{', '.join(RESERVED_NAMES)} into the version folder)"
+        )
+
+
+def publish_files(
+    name: str,
+    files: Mapping[str, Path],
+    *,
+    repository: Path | None = None,
+    version: int = VERSION,
+) -> dict[str, Published]:
+    """Copies each extra file into `<repository>/<name>/<version>/<file name>`, atomically.
+
+    Args:
+        name: The served model's name.
+        files: File name in the version folder -> source file.
+        repository: The model repository.
+        version: The version folder.
+
+    Raises:
+        ValueError: a file name is not allowed (see `check_extra_name`).
+        FileNotFoundError: a source file is missing.
+    """
+    root = Path(repository if repository is not None else paths.model_repository())
+    published = {}
+    for file_name, source in files.items():
+        check_extra_name(name, file_name)
+        dest = version_dir(name, repository, version) / file_name
+        write_bytes_atomic(dest, Path(source).read_bytes())
+        published[file_name] = Published(
+            path=dest,
+            sha256=sha256_file(dest),
+            size_bytes=dest.stat().st_size,
+            relative=dest.relative_to(root).as_posix(),
+        )
+    return published
+
+
+def remove_published(relatives: Iterable[str], *, repository: Path | None = None) -> list[Path]:
+    """Removes files a previous build published (paths relative to the repository), and version
+    folders left empty; never a config.pbtxt or anything not named.
+
+    Returns:
+        The files removed.
+    """
+    root = Path(repository if repository is not None else paths.model_repository())
+    removed = []
+    folders = set()
+    for relative in relatives:
+        path = root / relative
+        if path.is_file():
+            path.unlink()
+            removed.append(path)
+            folders.add(path.parent)
+    for folder in sorted(folders, reverse=True):
+        if folder.is_dir() and not any(folder.iterdir()):
+            folder.rmdir()
+    return removed
+
+
 def manifest_document(
     spec: ModelSpec,
     *,
@@ -285,8 +416,10 @@ def manifest_document(
     Args:
         spec: The model built.
         inputs: `hash_inputs(...)` of this build (the source hash is computed from it).
-        variants: Per variant ("fp32", ...): at least `published` (path relative to the model
-            repository) and `sha256`; plus size, metrics, check and latency.
+        variants: Per precision ("fp32", "fp16", "int8"): `precision`, `artifact` (path relative
+            to the artifacts folder) and `sha256`; `published` (path relative to the model
+            repository) for a served variant and `files` for its extra files (see
+            `recorded_files`); plus size, metrics, budget, check and latency.
         timings_s: Seconds per stage.
         now: Clock, for tests.
     """
@@ -309,11 +442,21 @@ def write_manifest(
     artifacts: Path | None = None,
     repository: Path | None = None,
     version: int = VERSION,
+    served: Iterable[str] | None = None,
 ) -> Path:
-    """Writes the manifest into the artifacts folder and a copy beside the served artifact.
+    """Writes the manifest into the artifacts folder and a copy beside each served artifact.
+
+    Args:
+        name: The model's name (its artifacts folder).
+        document: The manifest.
+        artifacts: The artifacts folder.
+        repository: The model repository.
+        version: The version folder.
+        served: The served names to write a copy for; `[name]` when None.
 
     Returns:
         The manifest in the artifacts folder (the one `freshness` reads).
     """
-    write_json_atomic(version_dir(name, repository, version) / MANIFEST_NAME, document)
+    for served_name in [name] if served is None else served:
+        write_json_atomic(version_dir(served_name, repository, version) / MANIFEST_NAME, document)
     return write_json_atomic(manifest_path(name, artifacts), document)

@@ -223,3 +223,44 @@ def test_latency_runs_single_items_warmup_then_timed() -> None:
     ms = check.latency_ms(run, DIGITS, (x,), warmup=2, runs=5)
     assert len(seen) == 7 and set(seen) == {(1, 1, 8, 8)}
     assert 0 <= ms < 1000
+
+
+def test_latency_at_a_larger_batch_and_refused_batches() -> None:
+    seen: list[tuple[int, ...]] = []
+
+    def run(feed: dict[str, np.ndarray]) -> None:
+        seen.append(feed[tensors.DIGITS_PIXELS].shape)
+
+    x = np.zeros((10, 1, 8, 8), np.float32)
+    check.latency_ms(run, DIGITS, (x,), batch=8, warmup=1, runs=2)
+    assert seen == [(8, 1, 8, 8)] * 3
+    with pytest.raises(ValueError, match=r"model 'digits': latency batch must be in 1..10 \(max_batch_size 64, 10 items given\), got 11"):
+        check.latency_ms(run, DIGITS, (x,), batch=11)
+    unbatched = replace(DIGITS, max_batch_size=0, dynamic_batching=None)
+    with pytest.raises(ValueError, match=r"latency batch must be in 1..1 \(max_batch_size 0, 10 items given\), got 2"):
+        check.latency_ms(run, unbatched, (x,), batch=2)
+
+
+def test_budget_passes_within_and_exactly_at_the_budget() -> None:
+    assert check.check_budget("digits", "int8", "test accuracy", 0.98, 0.98, 0.0) == 0.0
+    assert check.check_budget("digits", "int8", "test accuracy", 0.99, 0.98, 0.0) == pytest.approx(-0.01)
+    # 0.99 - 0.985 is 0.0050000000000000044 in floats: a drop equal to the budget still passes
+    assert check.check_budget("digits", "int8", "test accuracy", 0.985, 0.99, 0.005) == pytest.approx(0.005)
+
+
+def test_budget_error_names_model_variant_metric_values_drop_and_budget() -> None:
+    with pytest.raises(check.BudgetError) as info:
+        check.check_budget(
+            "digits", "int8", "test accuracy", 0.9694, 0.9861, 0.005, detail="build.variants[2]"
+        )
+    error = info.value
+    assert str(error) == (
+        "model 'digits', stage 'budget': variant int8: test accuracy 0.9694 is 0.0167 below the "
+        "FP32 PyTorch model's 0.9861, more than its budget max_metric_drop 0.005; build.variants[2]"
+    )
+    assert (error.model, error.stage, error.variant, error.metric) == ("digits", "budget", "int8", "test accuracy")
+    assert (error.value, error.reference, error.budget) == (0.9694, 0.9861, 0.005)
+    assert error.drop == pytest.approx(0.0167)
+    assert isinstance(error, check.BuildError)
+    with pytest.raises(check.BudgetError, match=r"variant fp16: top-1 agreement nan is nan below the FP32 source ONNX model's 1\.0000"):
+        check.check_budget("m", "fp16", "top-1 agreement", float("nan"), 1.0, 1.0, reference_name="FP32 source ONNX")

@@ -165,3 +165,112 @@ def test_freshness_up_to_date_only_with_same_hash_and_untouched_artifact(
 
     (artifacts / "digits" / "manifest.json").write_text("{not json")
     assert publish.freshness("digits", expected_hash, **kwargs).reason == "no build manifest"
+
+
+def _variant_build(tmp_path: Path, code: dict[str, Path]) -> tuple[str, Path, Path]:
+    """A manifest with a served fp32 (plus an extra file) and an int8 kept in artifacts only."""
+    artifacts, repository = tmp_path / "art", tmp_path / "repo"
+    for precision in ("fp32", "int8"):
+        path = artifacts / "digits" / f"{precision}.onnx"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(f"{precision} bytes".encode())
+    labels = artifacts / "digits" / "labels.txt"
+    labels.write_text("0\n1\n")
+    copy = publish.publish_artifact("digits", artifacts / "digits" / "fp32.onnx", repository=repository)
+    files = publish.publish_files("digits", {"labels.txt": labels}, repository=repository)
+    inputs = publish.hash_inputs(DIGITS, code, TOOLS)
+    variants = {
+        "fp32": {
+            "precision": "fp32",
+            "artifact": "digits/fp32.onnx",
+            "sha256": copy.sha256,
+            "published": copy.relative,
+            "files": {"labels.txt": {"published": files["labels.txt"].relative, "sha256": files["labels.txt"].sha256}},
+        },
+        "int8": {
+            "precision": "int8",
+            "artifact": "digits/int8.onnx",
+            "sha256": publish.sha256_file(artifacts / "digits" / "int8.onnx"),
+        },
+    }
+    document = publish.manifest_document(DIGITS, inputs=inputs, variants=variants, timings_s={})
+    publish.write_manifest("digits", document, artifacts=artifacts, repository=repository)
+    return publish.source_hash(inputs), artifacts, repository
+
+
+def test_freshness_covers_every_variant_artifact_and_extra_file(
+    tmp_path: Path, code: dict[str, Path]
+) -> None:
+    expected_hash, artifacts, repository = _variant_build(tmp_path, code)
+    kwargs = {"artifacts": artifacts, "repository": repository}
+    assert publish.freshness("digits", expected_hash, **kwargs).up_to_date
+
+    int8 = artifacts / "digits" / "int8.onnx"
+    int8.write_bytes(b"other")
+    assert publish.freshness("digits", expected_hash, **kwargs).reason == (
+        f"int8 artifact {int8} changed since the build"
+    )
+    int8.write_bytes(b"int8 bytes")
+    labels = repository / "digits" / "1" / "labels.txt"
+    labels.write_text("9\n")
+    assert publish.freshness("digits", expected_hash, **kwargs).reason == (
+        f"published fp32 file 'labels.txt' {labels} changed since the build"
+    )
+    labels.unlink()
+    assert publish.freshness("digits", expected_hash, **kwargs).reason == (
+        f"published fp32 file 'labels.txt' {labels} is missing"
+    )
+
+
+def test_publish_files_copies_beside_the_model_and_refuses_bad_names(tmp_path: Path) -> None:
+    source = tmp_path / "tokenizer.json"
+    source.write_text("{}")
+    published = publish.publish_files("text_int8", {"tokenizer.json": source}, repository=tmp_path / "repo")
+    entry = published["tokenizer.json"]
+    assert entry.path == tmp_path / "repo" / "text_int8" / "1" / "tokenizer.json"
+    assert entry.path.read_text() == "{}" and entry.relative == "text_int8/1/tokenizer.json"
+    assert entry.sha256 == hashlib.sha256(b"{}").hexdigest() and entry.size_bytes == 2
+    for bad, rule in (
+        ("../x", "must be one plain file name (no folders)"),
+        ("a/b.txt", "must be one plain file name (no folders)"),
+        ("", "must be one plain file name (no folders)"),
+        ("model.onnx", "is reserved (kiln writes model.onnx, manifest.json into the version folder)"),
+        ("manifest.json", "is reserved"),
+    ):
+        with pytest.raises(ValueError) as info:
+            publish.publish_files("text", {bad: source}, repository=tmp_path / "repo")
+        assert str(info.value).startswith(f"model 'text': extra file name {bad!r} ")
+        assert rule in str(info.value)
+    assert not (tmp_path / "repo" / "text").exists()
+
+
+def test_write_manifest_puts_a_copy_beside_each_served_variant(tmp_path: Path) -> None:
+    document = {"model": "digits", "variants": {}}
+    main = publish.write_manifest(
+        "digits", document, artifacts=tmp_path / "art", repository=tmp_path / "repo",
+        served=["digits", "digits_int8"],
+    )
+    assert main == tmp_path / "art" / "digits" / "manifest.json"
+    for served in ("digits", "digits_int8"):
+        assert json.loads((tmp_path / "repo" / served / "1" / "manifest.json").read_text()) == document
+    assert not (tmp_path / "repo" / "digits_fp16").exists()
+
+
+def test_remove_published_removes_only_the_named_files_and_empty_version_folders(tmp_path: Path) -> None:
+    repository = tmp_path / "repo"
+    version = repository / "digits_fp16" / "1"
+    version.mkdir(parents=True)
+    for name in ("model.onnx", "manifest.json"):
+        (version / name).write_text(name)
+    (repository / "digits_fp16" / "config.pbtxt").write_text("config")
+    kept = repository / "digits" / "1" / "model.onnx"
+    kept.parent.mkdir(parents=True)
+    kept.write_text("kept")
+    removed = publish.remove_published(
+        ["digits_fp16/1/model.onnx", "digits_fp16/1/manifest.json", "digits_fp16/1/gone.txt"],
+        repository=repository,
+    )
+    assert removed == [version / "model.onnx", version / "manifest.json"]
+    assert not version.exists()
+    assert (repository / "digits_fp16" / "config.pbtxt").read_text() == "config"
+    assert kept.read_text() == "kept"

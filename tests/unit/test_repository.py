@@ -51,14 +51,18 @@ def test_unknown_target_is_rejected() -> None:
 
 
 def test_generate_writes_configs_and_stale_detects_drift(tmp_path: Path) -> None:
-    (written,) = generate([DIGITS], tmp_path, backends=("kiln_onnx",))
-    assert written == tmp_path / "digits" / "config.pbtxt"
+    written = generate([DIGITS], tmp_path, backends=("kiln_onnx",))
+    names = ["digits", "digits_fp16", "digits_int8"]  # one served model per variant
+    assert written == [tmp_path / name / "config.pbtxt" for name in names]
     assert stale([DIGITS], tmp_path) == []
 
     changed = dataclasses.replace(DIGITS, dynamic_batching=DynamicBatching(max_queue_delay_us=7))
-    (diff,) = stale([changed], tmp_path)
-    assert "-  max_queue_delay_microseconds: 500" in diff
-    assert "+  max_queue_delay_microseconds: 7" in diff
+    diffs = stale([changed], tmp_path)
+    assert len(diffs) == len(names)
+    for name, diff in zip(names, diffs, strict=True):
+        assert f"{tmp_path / name / 'config.pbtxt'} (committed)" in diff
+        assert "-  max_queue_delay_microseconds: 500" in diff
+        assert "+  max_queue_delay_microseconds: 7" in diff
 
     (tmp_path / "orphan").mkdir()
     (tmp_path / "orphan" / "config.pbtxt").write_text('name: "orphan"\n')
