@@ -549,7 +549,7 @@ def _build_variant(
     log.say(
         f"{tag} {precision}: {_show(artifact)} ({what}; {_size(size)}, {size / fp32_size:.2f}x "
         f"FP32's); {held.metric} {metric:.4f} vs {reference.name} {reference.metric:.4f} "
-        f"(drop {reference.metric - metric:.4f}, budget {variant.max_metric_drop:g}); max abs "
+        f"(drop {_drop_text(reference.metric - metric)}, budget {variant.max_metric_drop:g}); max abs "
         f"error vs FP32 {comparison.max_abs:.3g}; latency {latency:.3f} ms at batch 1  "
         f"[{log.timings[precision]:.2f} s]"
     )
@@ -839,6 +839,11 @@ def _unpublish_dropped(
     return publish.remove_published(sorted(stale), repository=repository)
 
 
+def _drop_text(drop: float) -> str:
+    """A metric drop to 4 places; a tiny gain prints as 0.0000, not -0.0000."""
+    return f"{round(drop, 4) + 0.0:.4f}"
+
+
 def _table(results: Sequence[BuildResult]) -> list[str]:
     header = ("model", "variant", "metric", "drop (budget)", "size", "latency b=1", "served as", "status")
     rows = [
@@ -846,7 +851,7 @@ def _table(results: Sequence[BuildResult]) -> list[str]:
             r.model,
             r.variant,
             f"{r.metric} {r.metric_onnx:.4f}",
-            f"{r.metric_drop:.4f}" + (f" ({r.max_metric_drop:g})" if r.variant != REFERENCE else ""),
+            _drop_text(r.metric_drop) + (f" ({r.max_metric_drop:g})" if r.variant != REFERENCE else ""),
             _size(r.size_bytes),
             f"{r.latency_ms:.3f} ms",
             r.served_as or NOT_SERVED,

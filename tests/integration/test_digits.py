@@ -23,7 +23,7 @@ from kiln.build.digits import accuracy, load_split, load_trained
 from kiln.build.specs import by_name
 from kiln.repository import generate
 from kiln.server import TritonServer
-from kiln.spec import DynamicBatching
+from kiln.spec import DynamicBatching, Variant
 
 DIGITS = by_name("digits")
 MODEL = DIGITS.name
@@ -157,6 +157,7 @@ def slow_batching_server(tmp_path_factory) -> Iterator[TritonServer]:
         DIGITS,
         dynamic_batching=DynamicBatching(preferred_batch_sizes=(4,), max_queue_delay_us=2_000_000),
         warmup=(),
+        build=dataclasses.replace(DIGITS.build, variants=(Variant("fp32"),)),  # only fp32 is copied
     )
     generate([variant], repository, backends=paths.available_backends())
     shutil.copytree(paths.model_repository() / MODEL / "1", repository / MODEL / "1")
