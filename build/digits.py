@@ -25,7 +25,7 @@ from sklearn.model_selection import train_test_split
 from torch import nn
 
 from kiln.build.check import HeldOut
-from kiln.build.publish import checkpoint_path
+from kiln.build.publish import load_state_dict, save_state_dict
 from kiln.spec import DigitsCNNSource, ModelSpec
 
 PIXEL_SCALE = 16.0
@@ -145,13 +145,8 @@ def train(
     return model.eval()
 
 
-def save_checkpoint(model: nn.Module, path: Path) -> Path:
-    """Saves the model's weights (state_dict) to `path`, atomically."""
-    from kiln.build.publish import atomic_path
-
-    with atomic_path(path) as tmp:
-        torch.save(model.state_dict(), tmp)
-    return path
+save_checkpoint = save_state_dict
+"""SourceStage: saves the weights (state_dict), atomically."""
 
 
 def load_trained(spec_or_path: ModelSpec | Path | str, artifacts: Path | None = None) -> nn.Module:
@@ -166,14 +161,9 @@ def load_trained(spec_or_path: ModelSpec | Path | str, artifacts: Path | None = 
     Raises:
         FileNotFoundError: no checkpoint; run the build first.
     """
-    if isinstance(spec_or_path, ModelSpec):
-        path = checkpoint_path(spec_or_path.name, artifacts)
-    else:
-        path = Path(spec_or_path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no trained checkpoint at {path}; run `kiln build` first")
+    _, state = load_state_dict(spec_or_path, artifacts)
     model = build_model()
-    model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    model.load_state_dict(state)
     return model.eval()
 
 

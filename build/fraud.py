@@ -47,7 +47,7 @@ from sklearn.model_selection import train_test_split
 from torch import nn
 
 from kiln.build.check import HeldOut
-from kiln.build.publish import atomic_path, checkpoint_path
+from kiln.build.publish import atomic_path, load_state_dict, save_state_dict
 from kiln.spec import FraudMLPSource, ModelSpec
 
 METRIC = "ROC-AUC"
@@ -441,11 +441,8 @@ def train(
     return model.eval()
 
 
-def save_checkpoint(model: nn.Module, path: Path) -> Path:
-    """Saves the model's weights (state_dict) to `path`, atomically."""
-    with atomic_path(path) as tmp:
-        torch.save(model.state_dict(), tmp)
-    return path
+save_checkpoint = save_state_dict
+"""SourceStage: saves the weights (state_dict), atomically."""
 
 
 def _shape_of(state: Mapping[str, torch.Tensor], path: Path) -> tuple[int, tuple[int, ...]]:
@@ -469,13 +466,7 @@ def load_trained(spec_or_path: ModelSpec | Path | str, artifacts: Path | None = 
         FileNotFoundError: no checkpoint; run the build first.
         ValueError: the checkpoint is not a fraud MLP, or not of the spec's layer sizes.
     """
-    if isinstance(spec_or_path, ModelSpec):
-        path = checkpoint_path(spec_or_path.name, artifacts)
-    else:
-        path = Path(spec_or_path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no trained checkpoint at {path}; run `kiln build` first")
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    path, state = load_state_dict(spec_or_path, artifacts)
     features, hidden = _shape_of(state, path)
     if isinstance(spec_or_path, ModelSpec):
         source = spec_or_path.build.source if spec_or_path.build is not None else None

@@ -77,6 +77,34 @@ def checkpoint_path(name: str, artifacts: Path | None = None) -> Path:
     return model_artifacts(name, artifacts) / CHECKPOINT_NAME
 
 
+def save_state_dict(model: Any, path: Path) -> Path:
+    """Saves a PyTorch module's weights (its state_dict) to `path`, atomically."""
+    import torch
+
+    with atomic_path(path) as tmp:
+        torch.save(model.state_dict(), tmp)
+    return path
+
+
+def load_state_dict(
+    spec_or_path: ModelSpec | Path | str, artifacts: Path | None = None
+) -> tuple[Path, dict[str, Any]]:
+    """A model's saved weights: its checkpoint in the artifacts folder for a spec, or that file.
+
+    Raises:
+        FileNotFoundError: no checkpoint; run the build first.
+    """
+    import torch
+
+    if isinstance(spec_or_path, ModelSpec):
+        path = checkpoint_path(spec_or_path.name, artifacts)
+    else:
+        path = Path(spec_or_path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no trained checkpoint at {path}; run `kiln build` first")
+    return path, torch.load(path, map_location="cpu", weights_only=True)
+
+
 def export_path(name: str, variant: str, artifacts: Path | None = None) -> Path:
     """Where the exported `variant` (e.g. "fp32") of model `name` is written before publishing."""
     return model_artifacts(name, artifacts) / f"{variant}.onnx"

@@ -45,7 +45,7 @@ from PIL import Image
 from torch import nn
 
 from kiln.build.check import HeldOut
-from kiln.build.publish import checkpoint_path
+from kiln.build.publish import load_state_dict, save_state_dict
 from kiln.spec import ModelSpec, ResNet50Source
 
 if TYPE_CHECKING:
@@ -540,13 +540,8 @@ def train(source: ResNet50Source, progress: Progress | None = None) -> ResNet50:
     return model
 
 
-def save_checkpoint(model: nn.Module, path: Path) -> Path:
-    """Saves the model's weights and batch-norm statistics (state_dict) to `path`, atomically."""
-    from kiln.build.publish import atomic_path
-
-    with atomic_path(path) as tmp:
-        torch.save(model.state_dict(), tmp)
-    return path
+save_checkpoint = save_state_dict
+"""SourceStage: saves the weights (state_dict), atomically."""
 
 
 def load_trained(
@@ -563,13 +558,7 @@ def load_trained(
     Raises:
         FileNotFoundError: no checkpoint; run the build first.
     """
-    if isinstance(spec_or_path, ModelSpec):
-        path = checkpoint_path(spec_or_path.name, artifacts)
-    else:
-        path = Path(spec_or_path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no trained checkpoint at {path}; run `kiln build` first")
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    _, state = load_state_dict(spec_or_path, artifacts)
     model = ResNet50(num_classes=int(state["fc.weight"].shape[0]))
     model.load_state_dict(state)
     return model.eval()

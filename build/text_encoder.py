@@ -75,7 +75,11 @@ from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers,
 from torch import nn
 
 from kiln.build.check import HeldOut
-from kiln.build.publish import atomic_path, checkpoint_path, write_bytes_atomic
+from kiln.build.publish import (
+    load_state_dict,
+    save_state_dict,
+    write_bytes_atomic,
+)
 from kiln.spec import ModelSpec, TextEncoderSource
 
 Progress = Callable[[str], None]
@@ -535,11 +539,8 @@ def train(source: TextEncoderSource, progress: Progress | None = None) -> TextEn
     return model.eval()
 
 
-def save_checkpoint(model: nn.Module, path: Path) -> Path:
-    """Saves the encoder's weights (state_dict) to `path`, atomically."""
-    with atomic_path(path) as tmp:
-        torch.save(model.state_dict(), tmp)
-    return path
+save_checkpoint = save_state_dict
+"""SourceStage: saves the weights (state_dict), atomically."""
 
 
 def load_trained(
@@ -556,11 +557,9 @@ def load_trained(
         FileNotFoundError: no checkpoint; run the build first.
     """
     assert spec.build is not None and isinstance(spec.build.source, TextEncoderSource)
-    path = Path(checkpoint) if checkpoint is not None else checkpoint_path(spec.name, artifacts)
-    if not path.is_file():
-        raise FileNotFoundError(f"no trained checkpoint at {path}; run `kiln build` first")
+    _, state = load_state_dict(checkpoint if checkpoint is not None else spec, artifacts)
     model = build_model(spec.build.source)
-    model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    model.load_state_dict(state)
     return model.eval()
 
 
