@@ -401,6 +401,7 @@ def _reference(
             log.say(f"{tag} export: {type(source).__name__} is ONNX already; no training")
             exported = Path(_call(stage.export_onnx, source, exported, spec=spec))  # type: ignore[attr-defined]
             held = _call(stage.held_out, source, spec=spec)
+            _check_held_out(spec, held)
             outputs = check.run_batched(check.onnx_runner(exported, spec), spec, held.inputs)
             listed = [outputs[t.name] for t in spec.outputs]
             metric = held.score(listed, listed)
@@ -414,11 +415,12 @@ def _reference(
         from kiln.build import export
 
         exporter = exporter or export.DEFAULT_EXPORTER
+        held = _call(stage.held_out, source, spec=spec)
+        _check_held_out(spec, held)  # before training: a spec the data does not fit fails now
         with log.stage("train"):
             log.say(f"{tag} train: {source}")
             model = _call(stage.train, source, lambda line: log.say(f"{tag}   {line}"), spec=spec)
             checkpoint = stage.save_checkpoint(model, publish.checkpoint_path(name, artifacts))
-            held = _call(stage.held_out, source, spec=spec)
             outputs = check.run_batched(check.torch_runner(model, spec), spec, held.inputs)
             listed = [outputs[t.name] for t in spec.outputs]
             metric = held.score(listed, listed)
@@ -461,6 +463,41 @@ def _takes_spec(function: Callable[..., Any]) -> bool:
         return "spec" in inspect.signature(function).parameters
     except (TypeError, ValueError):  # a builtin or C function: no signature to read
         return False
+
+
+def _check_held_out(spec: ModelSpec, held: HeldOut) -> None:
+    """Checks the source's evaluation and calibration data against the spec's inputs.
+
+    The data is in the model's input contract, so a spec whose inputs disagree with the model (a
+    shape or dtype it rejects) fails here, before any training, with the serving backend's own
+    request check naming the input, the expected and the given shape or dtype.
+    """
+    import numpy as np
+
+    from kiln.serving.batch import RequestError, TensorContract, validate_request
+    from kiln.serving.onnx import TRITON_TYPES
+
+    contracts = [
+        TensorContract(t.name, np.dtype(TRITON_TYPES[f"TYPE_{t.dtype}"]), t.dims)
+        for t in spec.inputs
+        if f"TYPE_{t.dtype}" in TRITON_TYPES
+    ]
+    assert spec.build is not None
+    for which, arrays in (("evaluation", held.inputs), ("calibration", held.calibration)):
+        if not arrays:
+            continue
+        named = {t.name: array for t, array in zip(spec.inputs, arrays, strict=True)}
+        try:
+            validate_request(
+                named, contracts, batched=spec.max_batch_size > 0, reject_non_finite=True
+            )
+        except RequestError as error:
+            raise BuildError(
+                spec.name,
+                "source",
+                f"the {which} data of {type(spec.build.source).__name__} does not fit field "
+                f"'inputs' of the spec: {error}",
+            ) from error
 
 
 def _call(function: Callable[..., Any], *args: Any, spec: ModelSpec) -> Any:

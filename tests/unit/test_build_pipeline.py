@@ -20,7 +20,15 @@ from kiln.build import check, digits, export, pipeline, publish
 from kiln.build.specs.digits import SPEC as DIGITS
 from kiln.repository import config_dict
 from kiln.serving.onnx import OnnxModel
-from kiln.spec import CheckpointSource, ModelSpec, OnnxFileSource, SpecError, Tolerance, Variant
+from kiln.spec import (
+    CheckpointSource,
+    ModelSpec,
+    OnnxFileSource,
+    SpecError,
+    TensorSpec,
+    Tolerance,
+    Variant,
+)
 
 FAST_EPOCHS = 6
 """Enough for > 95% here in about a second; the full-spec accuracy is tested in test_build_digits."""
@@ -206,6 +214,33 @@ def test_invalid_spec_is_refused_before_any_stage(tmp_path: Path, no_training: N
     assert "field 'build.source.epochs' must be an integer in 1..1000, got 0" in message
     assert "field 'build.source.test_fraction' must be a number in 0.05..0.95, got 1.5" in message
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    ("tensor", "message"),
+    [
+        (
+            TensorSpec(tensors.DIGITS_PIXELS, "FP32", (1, 8, 9)),
+            "input 'pixels' has shape [360, 1, 8, 8]; expected [-1, 1, 8, 9]",
+        ),
+        (
+            TensorSpec(tensors.DIGITS_PIXELS, "FP16", (1, 8, 8)),
+            "input 'pixels' has dtype float32; expected float16",
+        ),
+    ],
+    ids=["shape", "dtype"],
+)
+def test_input_the_model_rejects_fails_before_training(
+    tmp_path: Path, no_training: None, tensor: TensorSpec, message: str
+) -> None:
+    bad = replace(FAST, inputs=(tensor,), warmup=())
+    with pytest.raises(pipeline.BuildError) as info:
+        _build([bad], tmp_path / "artifacts", tmp_path / "repo")
+    text = str(info.value)
+    assert "model 'digits', stage 'source'" in text
+    assert "the evaluation data of DigitsCNNSource does not fit field 'inputs' of the spec" in text
+    assert message in text
+    assert not (tmp_path / "repo").exists()
 
 
 def test_unknown_backend_is_refused_with_the_available_ones(tmp_path: Path) -> None:
