@@ -26,6 +26,7 @@ from torch import nn
 
 from kiln.build.check import HeldOut
 from kiln.build.publish import load_state_dict, save_state_dict
+from kiln.build.training import seeded
 from kiln.spec import DigitsCNNSource, ModelSpec
 
 PIXEL_SCALE = 16.0
@@ -90,14 +91,6 @@ def build_model() -> nn.Module:
     )
 
 
-def _deterministic() -> Callable[[], None]:
-    """Turns on deterministic algorithms; returns a function restoring the previous setting."""
-    enabled = torch.are_deterministic_algorithms_enabled()
-    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
-    torch.use_deterministic_algorithms(True)
-    return lambda: torch.use_deterministic_algorithms(enabled, warn_only=warn_only)
-
-
 def train(
     source: DigitsCNNSource,
     progress: Progress | None = None,
@@ -113,35 +106,30 @@ def train(
     split = split if split is not None else load_split(source)
     x = torch.from_numpy(split.x_train)
     y = torch.from_numpy(split.y_train)
-    restore = _deterministic()
-    try:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(source.seed)
-            model = build_model()
-            shuffle = torch.Generator().manual_seed(source.seed)
-            optimizer = torch.optim.Adam(model.parameters(), lr=source.learning_rate)
-            loss_fn = nn.CrossEntropyLoss()
-            model.train()
-            width = len(str(source.epochs))
-            for epoch in range(1, source.epochs + 1):
-                order = torch.randperm(len(x), generator=shuffle)
-                total_loss, correct = 0.0, 0
-                for start in range(0, len(x), source.batch_size):
-                    idx = order[start : start + source.batch_size]
-                    logits = model(x[idx])
-                    loss = loss_fn(logits, y[idx])
-                    optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                    optimizer.step()
-                    total_loss += loss.item() * len(idx)
-                    correct += int((logits.argmax(dim=1) == y[idx]).sum())
-                if progress is not None:
-                    progress(
-                        f"epoch {epoch:>{width}}/{source.epochs}  loss {total_loss / len(x):.4f}  "
-                        f"train acc {correct / len(x):.4f}"
-                    )
-    finally:
-        restore()
+    with seeded(source.seed, deterministic=True):
+        model = build_model()
+        shuffle = torch.Generator().manual_seed(source.seed)
+        optimizer = torch.optim.Adam(model.parameters(), lr=source.learning_rate)
+        loss_fn = nn.CrossEntropyLoss()
+        model.train()
+        width = len(str(source.epochs))
+        for epoch in range(1, source.epochs + 1):
+            order = torch.randperm(len(x), generator=shuffle)
+            total_loss, correct = 0.0, 0
+            for start in range(0, len(x), source.batch_size):
+                idx = order[start : start + source.batch_size]
+                logits = model(x[idx])
+                loss = loss_fn(logits, y[idx])
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                total_loss += loss.item() * len(idx)
+                correct += int((logits.argmax(dim=1) == y[idx]).sum())
+            if progress is not None:
+                progress(
+                    f"epoch {epoch:>{width}}/{source.epochs}  loss {total_loss / len(x):.4f}  "
+                    f"train acc {correct / len(x):.4f}"
+                )
     return model.eval()
 
 

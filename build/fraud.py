@@ -48,6 +48,7 @@ from torch import nn
 
 from kiln.build.check import HeldOut
 from kiln.build.publish import atomic_path, load_state_dict, save_state_dict
+from kiln.build.training import seeded
 from kiln.spec import FraudMLPSource, ModelSpec
 
 METRIC = "ROC-AUC"
@@ -350,14 +351,6 @@ def build_model(source: FraudMLPSource) -> FraudMLP:
     return FraudMLP(source.features, source.hidden_sizes)
 
 
-def _deterministic() -> Callable[[], None]:
-    """Turns on deterministic algorithms; returns a function restoring the previous setting."""
-    enabled = torch.are_deterministic_algorithms_enabled()
-    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
-    torch.use_deterministic_algorithms(True)
-    return lambda: torch.use_deterministic_algorithms(enabled, warn_only=warn_only)
-
-
 def predict_proba(model: nn.Module, x: np.ndarray) -> np.ndarray:
     """Fraud probabilities [N] for standardized features `x`."""
     with torch.inference_mode():
@@ -402,42 +395,34 @@ def train(
     x = torch.from_numpy(split.x_train)
     y = torch.from_numpy(split.y_train.astype(np.float32)).unsqueeze(1)
     weight = positive_weight(split.y_train)
-    restore = _deterministic()
-    threads = torch.get_num_threads()
-    torch.set_num_threads(TRAIN_THREADS)
-    try:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(source.seed)
-            model = build_model(source)
-            shuffle = torch.Generator().manual_seed(source.seed)
-            optimizer = torch.optim.Adam(model.parameters(), lr=source.learning_rate)
-            loss_fn = nn.BCEWithLogitsLoss(pos_weight=torch.tensor([weight]))
-            width = len(str(source.epochs))
-            for epoch in range(1, source.epochs + 1):
-                model.train()
-                order = torch.randperm(len(x), generator=shuffle)
-                total_loss = 0.0
-                for start in range(0, len(x), source.batch_size):
-                    idx = order[start : start + source.batch_size]
-                    loss = loss_fn(model.logits(x[idx]), y[idx])
-                    optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                    optimizer.step()
-                    total_loss += loss.item() * len(idx)
-                if progress is not None:
-                    with torch.inference_mode():
-                        scores = model.eval().logits(x)[:, 0].numpy()
-                    progress(
-                        f"epoch {epoch:>{width}}/{source.epochs}  loss {total_loss / len(x):.4f}  "
-                        f"train {METRIC} {roc_auc(split.y_train, scores):.4f}"
-                    )
-            # Weighting positives by w trains the logit towards log(w * p / (1 - p)): subtracting
-            # log(w) gives back the logit of p, so the served probability is not inflated.
-            with torch.no_grad():
-                model.output_layer.bias -= math.log(weight)
-    finally:
-        torch.set_num_threads(threads)
-        restore()
+    with seeded(source.seed, deterministic=True, threads=TRAIN_THREADS):
+        model = build_model(source)
+        shuffle = torch.Generator().manual_seed(source.seed)
+        optimizer = torch.optim.Adam(model.parameters(), lr=source.learning_rate)
+        loss_fn = nn.BCEWithLogitsLoss(pos_weight=torch.tensor([weight]))
+        width = len(str(source.epochs))
+        for epoch in range(1, source.epochs + 1):
+            model.train()
+            order = torch.randperm(len(x), generator=shuffle)
+            total_loss = 0.0
+            for start in range(0, len(x), source.batch_size):
+                idx = order[start : start + source.batch_size]
+                loss = loss_fn(model.logits(x[idx]), y[idx])
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                total_loss += loss.item() * len(idx)
+            if progress is not None:
+                with torch.inference_mode():
+                    scores = model.eval().logits(x)[:, 0].numpy()
+                progress(
+                    f"epoch {epoch:>{width}}/{source.epochs}  loss {total_loss / len(x):.4f}  "
+                    f"train {METRIC} {roc_auc(split.y_train, scores):.4f}"
+                )
+        # Weighting positives by w trains the logit towards log(w * p / (1 - p)): subtracting
+        # log(w) gives back the logit of p, so the served probability is not inflated.
+        with torch.no_grad():
+            model.output_layer.bias -= math.log(weight)
     return model.eval()
 
 

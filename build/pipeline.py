@@ -110,6 +110,8 @@ SOURCES: dict[type, SourceEntry] = {
 """Source spec class -> its source stage. Listed here, not imported, so an up-to-date check
 hashes the stage's code without importing torch."""
 EXPORT_MODULE = "kiln.build.export"
+TRAINING_MODULE = "kiln.build.training"
+"""The seeded block every PyTorch source trains or initializes in; hashed with the source."""
 QUANTIZE_MODULE = "kiln.build.quantize"
 """Produces the FP16 and INT8 variants; hashed into the source hash of a model that has one."""
 TENSORRT_MODULE = "kiln.build.tensorrt"
@@ -366,7 +368,11 @@ def _hash_inputs(spec: ModelSpec, exporter: str | None) -> dict[str, Any]:
     assert spec.build is not None
     entry = SOURCES[type(spec.build.source)]
     source_file = _module_file(entry.module)
-    code = {f"source:{source_file.name}": source_file, "export.py": _module_file(EXPORT_MODULE)}
+    code = {
+        f"source:{source_file.name}": source_file,
+        "training.py": _module_file(TRAINING_MODULE),
+        "export.py": _module_file(EXPORT_MODULE),
+    }
     if any(v.precision != REFERENCE for v in spec.build.variants):
         code["quantize.py"] = _module_file(QUANTIZE_MODULE)
     return publish.hash_inputs(

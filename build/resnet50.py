@@ -46,6 +46,7 @@ from torch import nn
 
 from kiln.build.check import HeldOut
 from kiln.build.publish import load_state_dict, save_state_dict
+from kiln.build.training import seeded
 from kiln.spec import ModelSpec, ResNet50Source
 
 if TYPE_CHECKING:
@@ -390,8 +391,7 @@ def build_model(source: ResNet50Source) -> ResNet50:
 
     The caller's global torch RNG is left as it was.
     """
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(source.seed)
+    with seeded(source.seed):
         model = ResNet50(source.num_classes)
         _init_weights(model)
     return model.eval()

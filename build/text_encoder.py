@@ -80,6 +80,7 @@ from kiln.build.publish import (
     save_state_dict,
     write_bytes_atomic,
 )
+from kiln.build.training import seeded
 from kiln.spec import ModelSpec, TextEncoderSource
 
 Progress = Callable[[str], None]
@@ -528,8 +529,7 @@ def train(source: TextEncoderSource, progress: Progress | None = None) -> TextEn
     )
     tokenizer = train_tokenizer(source)
     say(f"tokenizer: WordPiece, {tokenizer.get_vocab_size()} tokens, max_length {source.max_length}")
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(source.seed)
+    with seeded(source.seed):
         model = build_model(source)
     params = sum(p.numel() for p in model.parameters())
     say(
