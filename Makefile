@@ -36,4 +36,4 @@ lint: setup
 
 clean:  ## remove build outputs (not the virtual environment)
 	rm -rf artifacts .setuptools-build
-	find model_repository -mindepth 2 -not -name config.pbtxt -delete 2>/dev/null || true
+	find model_repository -mindepth 3 -type f -not -name .gitkeep -delete 2>/dev/null || true

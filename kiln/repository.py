@@ -8,7 +8,6 @@ full NGC tritonserver container, where ONNX models run on the native onnxruntime
 
 from __future__ import annotations
 
-import dataclasses
 import difflib
 from collections.abc import Sequence
 from pathlib import Path
@@ -17,7 +16,7 @@ from typing import Any
 from google.protobuf import json_format, text_format
 from tritonclient.grpc import model_config_pb2
 
-from kiln.spec import ModelSpec, served_name, validate
+from kiln.spec import EnsembleSpec, Spec, served_specs, validate
 
 TARGETS = ("embedded", "ngc")
 CONFIG_NAME = "config.pbtxt"
@@ -33,14 +32,46 @@ _NGC_ONNX_PARAMS = {
 }
 
 
+VERSION_DIR = "1"
+"""Models without a build (pre/postprocessing steps, ensembles) still need a version folder."""
+KEEP_FILE = ".gitkeep"
+"""Written into that folder so git keeps it (it holds nothing else)."""
+
+
 def _tensor(tensor: Any) -> dict[str, Any]:
-    return {"name": tensor.name, "data_type": f"TYPE_{tensor.dtype}", "dims": list(tensor.dims)}
+    out = {"name": tensor.name, "data_type": f"TYPE_{tensor.dtype}", "dims": list(tensor.dims)}
+    if tensor.optional:
+        out["optional"] = True
+    return out
 
 
-def config_dict(spec: ModelSpec, target: str = "embedded") -> dict[str, Any]:
+def _ensemble_dict(spec: EnsembleSpec) -> dict[str, Any]:
+    return {
+        "name": spec.name,
+        "platform": "ensemble",
+        "max_batch_size": spec.max_batch_size,
+        "input": [_tensor(t) for t in spec.inputs],
+        "output": [_tensor(t) for t in spec.outputs],
+        "ensemble_scheduling": {
+            "step": [
+                {
+                    "model_name": step.model,
+                    "model_version": -1,
+                    "input_map": dict(step.inputs),
+                    "output_map": dict(step.outputs),
+                }
+                for step in spec.steps
+            ]
+        },
+    }
+
+
+def config_dict(spec: Spec, target: str = "embedded") -> dict[str, Any]:
     """The model config of `spec` for `target`, as the dict `json_format.ParseDict` takes."""
     if target not in TARGETS:
         raise ValueError(f"target must be one of {', '.join(TARGETS)}, got {target!r}")
+    if isinstance(spec, EnsembleSpec):
+        return _ensemble_dict(spec)
     config: dict[str, Any] = {
         "name": spec.name,
         "max_batch_size": spec.max_batch_size,
@@ -88,59 +119,58 @@ def config_dict(spec: ModelSpec, target: str = "embedded") -> dict[str, Any]:
     return config
 
 
-def model_config(spec: ModelSpec, target: str = "embedded") -> model_config_pb2.ModelConfig:
+def model_config(spec: Spec, target: str = "embedded") -> model_config_pb2.ModelConfig:
     """The model config of `spec` as Triton's protobuf message."""
     return json_format.ParseDict(config_dict(spec, target), model_config_pb2.ModelConfig())
 
 
-def render(spec: ModelSpec, target: str = "embedded") -> str:
+def render(spec: Spec, target: str = "embedded") -> str:
     """The text of `config.pbtxt` for `spec`."""
     return HEADER.format(target=target) + text_format.MessageToString(model_config(spec, target))
 
 
-def served_specs(specs: Sequence[ModelSpec]) -> list[ModelSpec]:
-    """One spec per served model: each served variant of a built model under its served name
-    (`digits`, `digits_int8`, ...); a model without a build spec as it is."""
-    served = []
-    for spec in specs:
-        if spec.build is None:
-            served.append(spec)
-            continue
-        for variant in spec.build.variants:
-            if variant.serve:
-                served.append(dataclasses.replace(spec, name=served_name(spec.name, variant.precision)))
-    return served
+def generated_files(spec: Spec, target: str = "embedded") -> dict[str, str]:
+    """Every file the generator owns in `spec`'s model folder (relative path -> text): the config,
+    the spec's `files`, and for a model nothing builds (a pre/postprocessing step, an ensemble)
+    the version folder's keep-file, since Triton loads no model without a version folder."""
+    files = {CONFIG_NAME: render(spec, target)}
+    files.update(getattr(spec, "files", {}) or {})
+    if spec.build is None:
+        files[f"{VERSION_DIR}/{KEEP_FILE}"] = ""
+    return files
 
 
 def generate(
-    specs: Sequence[ModelSpec],
+    specs: Sequence[Spec],
     repository: Path,
     target: str = "embedded",
     backends: Sequence[str] | None = None,
 ) -> list[Path]:
-    """Validates every spec, then writes each model's `config.pbtxt` under `repository`.
+    """Validates every spec, then writes each model's `config.pbtxt` (and the other files of
+    `generated_files`) under `repository`.
 
-    Nothing is written when any spec is invalid. A config whose text is unchanged is not rewritten.
+    Nothing is written when any spec is invalid. A file whose text is unchanged is not rewritten.
 
     Returns:
-        The configs written or already up to date, one per spec.
+        The configs written or already up to date, one per served model.
     """
     validate(specs, backends)
-    texts = {spec.name: render(spec, target) for spec in served_specs(specs)}
-    paths = []
-    for name, text in texts.items():
-        path = Path(repository) / name / CONFIG_NAME
-        if not path.is_file() or path.read_text() != text:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(text)
-        paths.append(path)
-    return paths
+    planned = {spec.name: generated_files(spec, target) for spec in served_specs(specs)}
+    configs = []
+    for name, files in planned.items():
+        for relative, text in files.items():
+            path = Path(repository) / name / relative
+            if not path.is_file() or path.read_text() != text:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_text(text)
+        configs.append(Path(repository) / name / CONFIG_NAME)
+    return configs
 
 
-def stale(specs: Sequence[ModelSpec], repository: Path, target: str = "embedded") -> list[str]:
-    """How the configs under `repository` differ from the generator's output (empty: up to date).
+def stale(specs: Sequence[Spec], repository: Path, target: str = "embedded") -> list[str]:
+    """How the files under `repository` differ from the generator's output (empty: up to date).
 
-    Each entry is a readable description: a missing config, a unified diff of a changed one, or a
+    Each entry is a readable description: a missing file, a unified diff of a changed one, or a
     config in the repository that no spec declares.
     """
     repository = Path(repository)
@@ -148,18 +178,18 @@ def stale(specs: Sequence[ModelSpec], repository: Path, target: str = "embedded"
     names = set()
     for spec in served_specs(specs):
         names.add(spec.name)
-        path = repository / spec.name / CONFIG_NAME
-        want = render(spec, target)
-        if not path.is_file():
-            problems.append(f"{path}: missing (the spec declares model {spec.name!r})")
-            continue
-        have = path.read_text()
-        if have != want:
-            diff = difflib.unified_diff(
-                have.splitlines(keepends=True), want.splitlines(keepends=True),
-                fromfile=f"{path} (committed)", tofile=f"{path} (generated)",
-            )
-            problems.append("".join(diff))
+        for relative, want in generated_files(spec, target).items():
+            path = repository / spec.name / relative
+            if not path.is_file():
+                problems.append(f"{path}: missing (the spec declares model {spec.name!r})")
+                continue
+            have = path.read_text()
+            if have != want:
+                diff = difflib.unified_diff(
+                    have.splitlines(keepends=True), want.splitlines(keepends=True),
+                    fromfile=f"{path} (committed)", tofile=f"{path} (generated)",
+                )
+                problems.append("".join(diff))
     if repository.is_dir():
         for path in sorted(repository.glob(f"*/{CONFIG_NAME}")):
             if path.parent.name not in names:

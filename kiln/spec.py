@@ -8,6 +8,7 @@ or written.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 from collections.abc import Iterable, Mapping, Sequence
@@ -47,11 +48,13 @@ class TensorSpec:
         name: Tensor name (from `kiln.tensors`).
         dtype: A Triton data type without TYPE_, e.g. "FP32".
         dims: Per-item dims, without the batch dim; -1 for a variable size.
+        optional: An input a request may leave out (Triton's `optional: true`); inputs only.
     """
 
     name: str
     dtype: str
     dims: tuple[int, ...]
+    optional: bool = False
 
 
 @dataclass(frozen=True)
@@ -321,6 +324,8 @@ class ModelSpec:
         parameters: The backend's `parameters` (validated against its declared keys).
         build: How `kiln build` produces the artifact; None for a model published by hand.
         description: One line for the docs.
+        files: Small files `kiln generate` writes into the model's folder beside config.pbtxt
+            (file name -> text), e.g. a classifier's `labels.txt`; committed with the config.
     """
 
     name: str
@@ -334,6 +339,70 @@ class ModelSpec:
     parameters: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
     build: BuildSpec | None = None
     description: str = ""
+    files: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
+
+
+@dataclass(frozen=True)
+class EnsembleStep:
+    """One step of an ensemble: a repository model and how its tensors connect.
+
+    Attributes:
+        model: The step's served model name (e.g. "resnet50_int8").
+        inputs: The step model's input name -> the ensemble tensor fed to it (an ensemble input
+            or an earlier step's output).
+        outputs: The step model's output name -> the ensemble tensor it becomes (a new name, or
+            one of the ensemble's outputs).
+    """
+
+    model: str
+    inputs: Mapping[str, str]
+    outputs: Mapping[str, str]
+
+
+@dataclass(frozen=True)
+class EnsembleSpec:
+    """A Triton ensemble (`platform: "ensemble"`): requests flow through `steps` in the server.
+
+    Every step keeps its own dynamic batcher and instances; the ensemble only routes tensors.
+
+    Attributes:
+        name: Model name in the repository.
+        inputs: What clients send.
+        outputs: What clients get back (each produced by some step).
+        steps: The models the request flows through, in data-flow order.
+        max_batch_size: Largest batch a client may send; at most every step's max_batch_size.
+        description: One line for the docs.
+    """
+
+    name: str
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    steps: tuple[EnsembleStep, ...]
+    max_batch_size: int = 0
+    description: str = ""
+
+    @property
+    def build(self) -> None:
+        """Ensembles are never built: their steps are (or are published by hand)."""
+        return None
+
+
+Spec: TypeAlias = ModelSpec | EnsembleSpec
+"""Anything the repository holds: a model with a backend, or an ensemble of them."""
+
+
+def served_specs(specs: Sequence[ModelSpec | EnsembleSpec]) -> list[ModelSpec | EnsembleSpec]:
+    """One spec per served model: each served variant of a built model under its served name
+    (`digits`, `digits_int8`, ...); a model without a build spec, or an ensemble, as it is."""
+    served: list[ModelSpec | EnsembleSpec] = []
+    for spec in specs:
+        if spec.build is None:
+            served.append(spec)
+            continue
+        for variant in spec.build.variants:
+            if variant.serve:
+                served.append(dataclasses.replace(spec, name=served_name(spec.name, variant.precision)))
+    return served
 
 
 def _check_tensors(where: str, role: str, tensors: Sequence[TensorSpec]) -> list[str]:
@@ -387,6 +456,11 @@ def _check_model(spec: ModelSpec, backends: Iterable[str] | None) -> list[str]:
         )
     problems += _check_tensors(where, "inputs", spec.inputs)
     problems += _check_tensors(where, "outputs", spec.outputs)
+    problems += [
+        f"{where}: field 'outputs[{i}].optional' is only allowed on inputs"
+        for i, t in enumerate(spec.outputs) if t.optional
+    ]
+    problems += _check_files(where, spec.files)
     overlap = {t.name for t in spec.inputs} & {t.name for t in spec.outputs}
     if overlap:
         problems.append(f"{where}: names {sorted(overlap)} are both inputs and outputs")
@@ -570,20 +644,156 @@ def _check_variants(where: str, variants: Sequence[Variant]) -> list[str]:
     return problems
 
 
+BACKEND_PARAMS: Mapping[str, str] = MappingProxyType({
+    "kiln_onnx": "kiln.serving.onnx:ONNX_PARAMS",
+    "kiln_image": "kiln.serving.image:IMAGE_PARAMS",
+    "kiln_text": "kiln.serving.text:TEXT_PARAMS",
+    "kiln_tabular": "kiln.serving.tabular:TABULAR_PARAMS",
+    "kiln_classify": "kiln.serving.classify:CLASSIFY_PARAMS",
+    "kiln_pool": "kiln.serving.pool:POOL_PARAMS",
+    "kiln_threshold": "kiln.serving.threshold:THRESHOLD_PARAMS",
+})
+"""Each kiln backend -> "module:NAME" of its declared `parameters` schema (a tuple of Param)."""
+
+
 def backend_params(backend: str):  # -> tuple[Param, ...] | None
     """The declared `parameters` keys of a kiln backend, or None for a backend without a schema."""
-    if backend == "kiln_onnx":
-        from kiln.serving.onnx import ONNX_PARAMS
+    import importlib
 
-        return ONNX_PARAMS
-    return None
+    where = BACKEND_PARAMS.get(backend)
+    if where is None:
+        return None
+    module, name = where.split(":")
+    return getattr(importlib.import_module(module), name)
 
 
-def validate(specs: Sequence[ModelSpec], backends: Iterable[str] | None = None) -> None:
+def _served_tensors(specs: Sequence[ModelSpec | EnsembleSpec]) -> dict[str, ModelSpec | EnsembleSpec]:
+    return {spec.name: spec for spec in served_specs(specs)}
+
+
+def _dims_agree(a: tuple[int, ...], b: tuple[int, ...]) -> bool:
+    return len(a) == len(b) and all(x == y or -1 in (x, y) for x, y in zip(a, b, strict=True))
+
+
+def _check_ensemble(spec: EnsembleSpec, served: Mapping[str, ModelSpec | EnsembleSpec]) -> list[str]:
+    """The ensemble's own fields, then its wiring: every step model exists, every map names a real
+    tensor, every tensor consumed is produced first with the same dtype and compatible dims."""
+    where = f"ensemble {spec.name!r}"
+    problems: list[str] = []
+    if not isinstance(spec.name, str) or not _NAME.match(spec.name):
+        problems.append(
+            f"{where}: field 'name' must be one path segment matching {_NAME.pattern}, "
+            f"got {spec.name!r}"
+        )
+    problems += _check_tensors(where, "inputs", spec.inputs)
+    problems += _check_tensors(where, "outputs", spec.outputs)
+    problems += [
+        f"{where}: field 'outputs[{i}].optional' is only allowed on inputs"
+        for i, t in enumerate(spec.outputs) if t.optional
+    ]
+    mbs = spec.max_batch_size
+    if not _is_int(mbs) or mbs < 0:
+        problems.append(f"{where}: field 'max_batch_size' must be an integer >= 0, got {mbs!r}")
+        mbs = 0
+    if not spec.steps:
+        problems.append(f"{where}: field 'steps' must list at least one step, got none")
+    # Ensemble tensor name -> (dtype, dims, who made it).
+    available: dict[str, tuple[str, tuple[int, ...], str]] = {
+        t.name: (t.dtype, tuple(t.dims), "ensemble input") for t in spec.inputs
+    }
+    consumed: set[str] = set()
+    for i, step in enumerate(spec.steps):
+        at = f"{where}: field 'steps[{i}]"
+        model = served.get(step.model)
+        if model is None or step.model == spec.name:
+            problems.append(
+                f"{at}.model' must name another served model; {step.model!r} is not one "
+                f"(known: {', '.join(sorted(n for n in served if n != spec.name))})"
+            )
+            continue
+        step_mbs = model.max_batch_size
+        if mbs > 0 and (step_mbs == 0 or step_mbs < mbs):
+            problems.append(
+                f"{at}.model' {step.model!r} has max_batch_size {step_mbs}, below the ensemble's "
+                f"{mbs} (each step must take the ensemble's largest batch)"
+            )
+        model_inputs = {t.name: t for t in model.inputs}
+        model_outputs = {t.name: t for t in model.outputs}
+        for key, value in step.inputs.items():
+            target = model_inputs.get(key)
+            if target is None:
+                problems.append(
+                    f"{at}.inputs' maps {key!r}, which is not an input of {step.model!r} "
+                    f"(its inputs: {', '.join(model_inputs)})"
+                )
+                continue
+            consumed.add(value)
+            source = available.get(value)
+            if source is None:
+                problems.append(
+                    f"{at}.inputs' feeds {step.model!r} input {key!r} from {value!r}, which is "
+                    "neither an ensemble input nor an earlier step's output"
+                )
+                continue
+            dtype, dims, made_by = source
+            if dtype != target.dtype or not _dims_agree(dims, tuple(target.dims)):
+                problems.append(
+                    f"{at}.inputs' feeds {step.model!r} input {key!r} ({target.dtype} "
+                    f"{list(target.dims)}) from {value!r} ({made_by}: {dtype} {list(dims)})"
+                )
+        unmapped = [n for n, t in model_inputs.items() if n not in step.inputs and not t.optional]
+        if unmapped:
+            problems.append(f"{at}.inputs' leaves {step.model!r} input(s) {unmapped} unfed")
+        for key, value in step.outputs.items():
+            produced = model_outputs.get(key)
+            if produced is None:
+                problems.append(
+                    f"{at}.outputs' maps {key!r}, which is not an output of {step.model!r} "
+                    f"(its outputs: {', '.join(model_outputs)})"
+                )
+                continue
+            if value in available:
+                problems.append(
+                    f"{at}.outputs' names {value!r}, already the {available[value][2]}; "
+                    "each ensemble tensor has one producer"
+                )
+                continue
+            available[value] = (produced.dtype, tuple(produced.dims), f"output {key!r} of {step.model!r}")
+    for i, tensor in enumerate(spec.outputs):
+        source = available.get(tensor.name)
+        if source is None or source[2] == "ensemble input":
+            problems.append(f"{where}: field 'outputs[{i}]' {tensor.name!r} is produced by no step")
+        elif source[0] != tensor.dtype or not _dims_agree(source[1], tuple(tensor.dims)):
+            problems.append(
+                f"{where}: field 'outputs[{i}]' {tensor.name!r} is {tensor.dtype} {list(tensor.dims)}, "
+                f"but {source[2]} is {source[0]} {list(source[1])}"
+            )
+    unused = [t.name for t in spec.inputs if t.name not in consumed]
+    if unused:
+        problems.append(f"{where}: input(s) {unused} feed no step")
+    return problems
+
+
+def _check_files(where: str, files: Mapping[str, str]) -> list[str]:
+    problems = []
+    for name, text in files.items():
+        if not isinstance(name, str) or not _NAME.match(name) or name in ("config.pbtxt",) or name.isdigit():
+            problems.append(
+                f"{where}: field 'files' key must be a file name (one path segment, not config.pbtxt "
+                f"or a version number), got {name!r}"
+            )
+        if not isinstance(text, str):
+            problems.append(f"{where}: field 'files[{name!r}]' must be text, got {type(text).__name__}")
+    return problems
+
+
+def validate(
+    specs: Sequence[ModelSpec | EnsembleSpec], backends: Iterable[str] | None = None
+) -> None:
     """Checks every spec; raises one SpecError listing all problems.
 
     Args:
-        specs: The models of one repository.
+        specs: The models and ensembles of one repository.
         backends: Backend names a spec may use; None skips that check.
     """
     backends = tuple(backends) if backends is not None else None
@@ -593,6 +803,22 @@ def validate(specs: Sequence[ModelSpec], backends: Iterable[str] | None = None) 
         if spec.name in seen:
             problems.append(f"model {spec.name!r}: field 'name' repeats another model's name")
         seen.add(spec.name)
+        if isinstance(spec, EnsembleSpec):
+            continue
         problems += _check_model(spec, backends)
+    served = _served_tensors(specs)
+    origins: dict[str, set[str]] = {}
+    for spec in specs:
+        for variant in served_specs([spec]):
+            origins.setdefault(variant.name, set()).add(spec.name)
+    for name, makers in origins.items():
+        if len(makers) > 1:
+            problems.append(
+                f"model {name!r}: served by more than one spec ({', '.join(sorted(makers))}); "
+                "a variant's served name must not repeat another model's name"
+            )
+    for spec in specs:
+        if isinstance(spec, EnsembleSpec):
+            problems += _check_ensemble(spec, served)
     if problems:
         raise SpecError(problems)

@@ -9,6 +9,7 @@ given.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -25,6 +26,20 @@ def _parse_int(text: str, minimum: float | None) -> int:
     if minimum is not None and value < minimum:
         raise ValueError
     return value
+
+
+def _parse_float(text: str, minimum: float | None) -> float:
+    value = float(text.strip())
+    if not math.isfinite(value) or (minimum is not None and value < minimum):
+        raise ValueError
+    return value
+
+
+def _parse_floats(text: str, _: float | None) -> tuple[float, ...]:
+    values = tuple(float(item) for item in text.split(",") if item.strip())
+    if not values or not all(math.isfinite(v) for v in values):
+        raise ValueError
+    return values
 
 
 def _parse_bool(text: str, _: float | None) -> bool:
@@ -49,6 +64,8 @@ def _parse_list(text: str, _: float | None) -> tuple[str, ...]:
 
 _PARSERS: dict[str, tuple[Callable[[str, float | None], Any], str]] = {
     "int": (_parse_int, "an integer"),
+    "float": (_parse_float, "a finite number"),
+    "floats": (_parse_floats, "a comma-separated list of finite numbers"),
     "bool": (_parse_bool, "true or false"),
     "str": (_parse_str, "a string"),
     "list": (_parse_list, "a comma-separated list"),
@@ -61,11 +78,12 @@ class Param:
 
     Attributes:
         name: The key in `config.pbtxt` `parameters` (and the dataclass field it fills).
-        kind: "int", "bool", "str" or "list" (comma-separated, parsed to a tuple of str).
+        kind: "int", "float", "bool", "str", "list" (comma-separated, parsed to a tuple of str) or
+            "floats" (comma-separated, parsed to a tuple of float).
         default: Value used when the key is absent.
         help: One line for docs and error messages.
         choices: Allowed values (for "list", allowed items); None allows any.
-        minimum: Smallest allowed value for "int".
+        minimum: Smallest allowed value for "int" and "float".
     """
 
     name: str
