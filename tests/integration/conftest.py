@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import NamedTuple
@@ -138,9 +139,12 @@ def unbuilt_models(repository: Path) -> list[str]:
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TritonServer]:
     """One tritonserver on free ports serving the generated repository, for the whole session.
 
-    Its log is saved in the session's temp folder (`.log_path`, `.log_text()`).
+    Its log is saved in the session's temp folder (`.log_path`, `.log_text()`). Set
+    KILN_TEST_MODELS to a comma-separated list of models (ensembles bring their steps) to serve
+    only those, in explicit model-control mode: quicker while working on a few pipelines.
     """
     repository = paths.model_repository()
+    only = [m.strip() for m in os.environ.get("KILN_TEST_MODELS", "").split(",") if m.strip()]
     problems = unbuilt_models(repository)
     if problems:
         pytest.fail(
@@ -155,5 +159,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TritonServer]:
         grpc_port=FREE_PORT,
         metrics_port=FREE_PORT,
         log_file=log_file,
+        model_control_mode="explicit" if only else "none",
+        load_models=only,
     ) as running:
         yield running
