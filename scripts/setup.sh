@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # Creates .venv and installs everything kiln needs, from nothing: Debian packages, then pip
 # packages. Idempotent: a stamp keyed on pyproject.toml and this script skips the work when
-# nothing changed. Usage: scripts/setup.sh [EXTRAS]   (default: serve,build,dev)
+# nothing changed. Usage: scripts/setup.sh [EXTRAS]   (default: serve,build,bench,dev)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-EXTRAS="${1:-serve,build,dev}"
+EXTRAS="${1:-serve,build,bench,dev}"
 PYTHON="${PYTHON:-python3}"
 VENV=.venv
 STAMP="$VENV/.kiln-setup-$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16)-${EXTRAS//,/_}"
