@@ -38,8 +38,14 @@ KEEP_FILE = ".gitkeep"
 """Written into that folder so git keeps it (it holds nothing else)."""
 
 
+def data_type(dtype: str) -> str:
+    """The config's data_type of a spec dtype: TYPE_<dtype>, except BYTES, which model configs
+    spell TYPE_STRING (BYTES is the name on the wire and in the client APIs)."""
+    return "TYPE_STRING" if dtype == "BYTES" else f"TYPE_{dtype}"
+
+
 def _tensor(tensor: Any) -> dict[str, Any]:
-    out = {"name": tensor.name, "data_type": f"TYPE_{tensor.dtype}", "dims": list(tensor.dims)}
+    out = {"name": tensor.name, "data_type": data_type(tensor.dtype), "dims": list(tensor.dims)}
     if tensor.optional:
         out["optional"] = True
     return out
@@ -105,7 +111,7 @@ def config_dict(spec: Spec, target: str = "embedded") -> dict[str, Any]:
                 "count": w.count,
                 "inputs": {
                     t.name: {
-                        "data_type": f"TYPE_{t.dtype}",
+                        "data_type": data_type(t.dtype),
                         "dims": list(t.dims),
                         data_key[w.data]: True,
                     }

@@ -14,13 +14,15 @@ import triton_python_backend_utils as pb_utils
 from kiln.serving.onnx import OnnxModel
 from kiln.serving.params import config_parameters
 
-_INVALID_ARG = getattr(getattr(pb_utils, "TritonError", None), "INVALID_ARG", None)
 
 
 def _error(error: Exception) -> pb_utils.TritonError:
+    # TritonError is looked up per call: the stub attaches it to pb_utils only after importing
+    # this file, so a module-level lookup finds nothing and every error would be INTERNAL (500).
+    invalid_arg = getattr(pb_utils.TritonError, "INVALID_ARG", None)
     message = str(error)
-    if _INVALID_ARG is not None and isinstance(error, ValueError):
-        return pb_utils.TritonError(message, _INVALID_ARG)
+    if invalid_arg is not None and isinstance(error, ValueError):
+        return pb_utils.TritonError(message, invalid_arg)
     return pb_utils.TritonError(message)
 
 

@@ -158,10 +158,11 @@ def python_model(load: Callable[[LoadContext], Step]) -> type:
     """A `TritonPythonModel` class running the step that `load` builds (see the module doc)."""
     import triton_python_backend_utils as pb_utils
 
-    error_type = pb_utils.TritonError
-    invalid_arg = getattr(error_type, "INVALID_ARG", None)
-
     def to_error(error: Exception) -> Any:
+        # Looked up per call: the stub attaches TritonError (and the InferenceResponse machinery)
+        # to the module only after model.py has been imported, so it is absent at class creation.
+        error_type = pb_utils.TritonError
+        invalid_arg = getattr(error_type, "INVALID_ARG", None)
         message = str(error) or type(error).__name__
         if invalid_arg is not None and isinstance(error, ValueError):
             return error_type(message, invalid_arg)

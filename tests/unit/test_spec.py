@@ -6,6 +6,7 @@ import dataclasses
 
 import pytest
 
+from kiln import paths
 from kiln.build.specs import SPECS, by_name
 from kiln.spec import (
     CheckpointSource,
@@ -23,7 +24,7 @@ from kiln.spec import (
     validate,
 )
 
-BACKENDS = ("kiln_onnx",)
+BACKENDS = tuple(sorted(paths.available_backends()))
 DIGITS = by_name("digits")
 
 
@@ -48,7 +49,7 @@ def test_by_name_lists_known_models_when_missing() -> None:
         ({"name": "../etc"}, "field 'name' must be one path segment"),
         ({"name": ".."}, "got '..'"),
         ({"name": "a/b"}, "got 'a/b'"),
-        ({"backend": "kiln_tf"}, "field 'backend' must be one of kiln_onnx, got 'kiln_tf'"),
+        ({"backend": "kiln_tf"}, "field 'backend' must be one of " + ", ".join(BACKENDS) + ", got 'kiln_tf'"),
         ({"max_batch_size": -1}, "field 'max_batch_size' must be an integer >= 0, got -1"),
         ({"inputs": ()}, "field 'inputs' must list at least one tensor, got none"),
         (
