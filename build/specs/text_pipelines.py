@@ -1,0 +1,106 @@
+"""text_embedder: UTF-8 text -> kiln_text -> text_encoder -> kiln_pool -> sentence embedding.
+
+Three served models and the ensemble that wires them:
+- `text_tokenizer` (kiln_text): TEXT BYTES [1] -> input_ids, attention_mask INT64 [seq], with the
+  tokenizer.json the build published beside text_encoder, truncating at text_encoder's
+  `max_length` (its position embeddings) and padding each request to its longest text.
+- `text_encoder` (FP32; built by `build/specs/text_encoder.py`): ids and mask -> token embeddings.
+- `text_pool` (kiln_pool): token embeddings and the same mask -> mean over real tokens, L2-normalized
+  -> EMBEDDING FP32 [HIDDEN_SIZE].
+The attention mask has one producer (the tokenizer) and two consumers (the encoder and the pool).
+
+Batching: every step keeps its dynamic batcher at text_encoder's max_batch_size (32), which is
+also the ensemble's (the pipeline contract). The tokenizer and the pool are cheap next to the
+encoder, so they wait only `STEP_QUEUE_DELAY_US` for others to join a batch.
+"""
+
+from __future__ import annotations
+
+from kiln import tensors
+from kiln.build.specs.text_encoder import HIDDEN_SIZE
+from kiln.build.specs.text_encoder import SPEC as TEXT_ENCODER
+from kiln.spec import DynamicBatching, EnsembleSpec, EnsembleStep, InstanceGroup, ModelSpec, TensorSpec
+
+TOKENIZER = "text_tokenizer"
+"""The kiln_text step's model name."""
+POOL = "text_pool"
+"""The kiln_pool step's model name."""
+MAX_BATCH_SIZE = 32
+"""The pipeline contract's batch size; text_encoder's max_batch_size is the same."""
+MAX_TEXT_BYTES = 16384
+"""Longest text accepted (UTF-8 bytes). 128 tokens of English prose are about 700 bytes, so this
+leaves room for any text a client would send whole and truncate, while a 16 KiB text still
+tokenizes in about 8 ms here; a larger body is a client error, not a tokenizer's workload."""
+STEP_QUEUE_DELAY_US = 100
+"""How long the tokenizer and the pool wait for other requests to join a batch."""
+
+assert TEXT_ENCODER.build is not None
+_MAX_LENGTH = TEXT_ENCODER.build.source.max_length  # type: ignore[union-attr]
+_ids = TensorSpec(tensors.TEXT_INPUT_IDS, "INT64", (-1,))
+_mask = TensorSpec(tensors.TEXT_ATTENTION_MASK, "INT64", (-1,))
+
+TOKENIZER_SPEC = ModelSpec(
+    name=TOKENIZER,
+    description="kiln_text: UTF-8 texts -> WordPiece ids and attention mask for text_encoder",
+    backend="kiln_text",
+    inputs=(TensorSpec(tensors.TEXT, "BYTES", (1,)),),
+    outputs=(_ids, _mask),
+    max_batch_size=MAX_BATCH_SIZE,
+    dynamic_batching=DynamicBatching(max_queue_delay_us=STEP_QUEUE_DELAY_US),
+    instance_groups=(InstanceGroup(kind="CPU", count=1),),
+    parameters={
+        "tokenizer_model": TEXT_ENCODER.name,
+        "max_length": str(_MAX_LENGTH),
+        "max_text_bytes": str(MAX_TEXT_BYTES),
+        "truncation": "true",
+    },
+)
+
+POOL_SPEC = ModelSpec(
+    name=POOL,
+    description="kiln_pool: token embeddings and mask -> mean-pooled, L2-normalized embedding",
+    backend="kiln_pool",
+    inputs=(TensorSpec(tensors.TEXT_TOKEN_EMBEDDINGS, "FP32", (-1, HIDDEN_SIZE)), _mask),
+    outputs=(TensorSpec(tensors.EMBEDDING, "FP32", (HIDDEN_SIZE,)),),
+    max_batch_size=MAX_BATCH_SIZE,
+    dynamic_batching=DynamicBatching(max_queue_delay_us=STEP_QUEUE_DELAY_US),
+    instance_groups=(InstanceGroup(kind="CPU", count=1),),
+    parameters={"normalize": "true"},
+)
+
+TEXT_EMBEDDER = EnsembleSpec(
+    name=tensors.TEXT_EMBEDDER,
+    description="UTF-8 text -> tokenize -> text_encoder (FP32) -> mean-pool, L2-normalize",
+    inputs=(TensorSpec(tensors.TEXT, "BYTES", (1,)),),
+    outputs=(TensorSpec(tensors.EMBEDDING, "FP32", (HIDDEN_SIZE,)),),
+    steps=(
+        EnsembleStep(
+            TOKENIZER,
+            inputs={tensors.TEXT: tensors.TEXT},
+            outputs={
+                tensors.TEXT_INPUT_IDS: tensors.TEXT_INPUT_IDS,
+                tensors.TEXT_ATTENTION_MASK: tensors.TEXT_ATTENTION_MASK,
+            },
+        ),
+        EnsembleStep(
+            TEXT_ENCODER.name,
+            inputs={
+                tensors.TEXT_INPUT_IDS: tensors.TEXT_INPUT_IDS,
+                tensors.TEXT_ATTENTION_MASK: tensors.TEXT_ATTENTION_MASK,
+            },
+            outputs={tensors.TEXT_TOKEN_EMBEDDINGS: tensors.TEXT_TOKEN_EMBEDDINGS},
+        ),
+        EnsembleStep(
+            POOL,
+            inputs={
+                tensors.TEXT_TOKEN_EMBEDDINGS: tensors.TEXT_TOKEN_EMBEDDINGS,
+                tensors.TEXT_ATTENTION_MASK: tensors.TEXT_ATTENTION_MASK,
+            },
+            outputs={tensors.EMBEDDING: tensors.EMBEDDING},
+        ),
+    ),
+    max_batch_size=MAX_BATCH_SIZE,
+)
+
+SPECS = (TOKENIZER_SPEC, POOL_SPEC, TEXT_EMBEDDER)
+"""The text_embedder pipeline: its two processing steps and the ensemble."""
