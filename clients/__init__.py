@@ -1,1 +1,70 @@
-"""The client SDK services import: only tritonclient and numpy at import time (see the README)."""
+"""kiln's client SDK: call kiln's pipelines (and any Triton model) from services.
+
+Imports only `tritonclient` and `numpy` (no torch, onnx or tensorrt), so services install just
+`kiln` without extras. The public surface:
+
+- `Client` / `AsyncClient`: the generic clients (HTTP or gRPC by URL scheme, sync or asyncio):
+  health, metadata, `infer` with named numpy arrays, `infer_batch` for any number of items.
+- Task clients with typed results: `ImageClassifier`, `DigitsReader`, `TextEmbedder`,
+  `FraudScorer`, and their asyncio twins `Async...`.
+- Results: `InferResult`, `Classification`, `Embeddings`, `FraudScore` (each with `latency_s` and
+  `request_id`); `ModelInfo` and `TensorInfo` describe a served model.
+- Errors: `KilnError` and its subclasses; `RetryPolicy` configures retries.
+
+Example:
+    >>> from kiln.clients import ImageClassifier
+    >>> with ImageClassifier("grpc://localhost:8001") as classifier:
+    ...     print(classifier.classify("cat.jpg").label)
+"""
+
+from kiln.clients.client import DEFAULT, AsyncClient, Client
+from kiln.clients.errors import (
+    DeadlineExceededError,
+    InvalidInputError,
+    KilnError,
+    ModelNotFoundError,
+    ModelNotReadyError,
+    ServerError,
+    ServerUnavailableError,
+)
+from kiln.clients.models import ModelInfo, TensorInfo
+from kiln.clients.results import Classification, Embeddings, FraudScore, InferResult
+from kiln.clients.retry import RetryPolicy
+from kiln.clients.tasks import (
+    AsyncDigitsReader,
+    AsyncFraudScorer,
+    AsyncImageClassifier,
+    AsyncTextEmbedder,
+    DigitsReader,
+    FraudScorer,
+    ImageClassifier,
+    TextEmbedder,
+)
+
+__all__ = [
+    "DEFAULT",
+    "AsyncClient",
+    "AsyncDigitsReader",
+    "AsyncFraudScorer",
+    "AsyncImageClassifier",
+    "AsyncTextEmbedder",
+    "Classification",
+    "Client",
+    "DeadlineExceededError",
+    "DigitsReader",
+    "Embeddings",
+    "FraudScore",
+    "FraudScorer",
+    "ImageClassifier",
+    "InferResult",
+    "InvalidInputError",
+    "KilnError",
+    "ModelInfo",
+    "ModelNotFoundError",
+    "ModelNotReadyError",
+    "RetryPolicy",
+    "ServerError",
+    "ServerUnavailableError",
+    "TensorInfo",
+    "TextEmbedder",
+]
