@@ -224,7 +224,7 @@ class _Task:
 
 
 class ImageClassifier(_Task):
-    """Classifies images with the image_classifier pipeline (top-5 ImageNet classes).
+    """Classifies images with the image_classifier pipeline (the 5 most likely classes).
 
     Args:
         client: A URL ("http://host:8000", "grpc://host:8001") or an existing `Client`.

@@ -67,9 +67,9 @@ def _serve(args: argparse.Namespace) -> int:
 
     on_ready = None
     if args.demo:
-        from kiln.demo import digits_demo
+        from kiln.demo import pipelines_demo
 
-        on_ready = digits_demo
+        on_ready = pipelines_demo
     return run_serve(args, on_ready=on_ready)
 
 
