@@ -15,7 +15,6 @@ from kiln.serving.onnx import OnnxModel
 from kiln.serving.params import config_parameters
 
 
-
 def _error(error: Exception) -> pb_utils.TritonError:
     # TritonError is looked up per call: the stub attaches it to pb_utils only after importing
     # this file, so a module-level lookup finds nothing and every error would be INTERNAL (500).

@@ -18,6 +18,5 @@ from __future__ import annotations
 from kiln.serving.adapter import python_model
 from kiln.serving.tabular import load
 
-
 TritonPythonModel = python_model(load)
 """The Triton model class: the step `load` builds, served through the adapter."""

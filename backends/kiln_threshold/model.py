@@ -15,6 +15,5 @@ from __future__ import annotations
 from kiln.serving.adapter import python_model
 from kiln.serving.threshold import load
 
-
 TritonPythonModel = python_model(load)
 """The Triton model class: the step `load` builds, served through the adapter."""
