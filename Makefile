@@ -4,8 +4,10 @@ VENV := .venv
 PY := $(VENV)/bin/python
 KILN := $(VENV)/bin/kiln
 PYTEST_ARGS ?=
+LOADTEST_ARGS ?=
+BENCH_ARGS ?=
 
-.PHONY: setup generate check-generated build-engines serve test test-unit test-integration lint clean
+.PHONY: setup generate check-generated build-engines serve test test-unit test-integration loadtest bench lint clean
 
 setup:  ## create .venv and install kiln with every extra, Debian packages included
 	@scripts/setup.sh
@@ -31,8 +33,14 @@ test-unit: setup
 test-integration: build-engines
 	$(PY) -m pytest tests/integration $(PYTEST_ARGS)
 
+loadtest: build-engines  ## load-test suites (steady, step, spike) against a server it starts; SLO gates set the exit status
+	$(PY) -m loadtests.run $(LOADTEST_ARGS)
+
+bench: build-engines  ## kiln vs the in-process pipeline and FastAPI + PyTorch, side by side; results/bench-<UTC>-<commit>/
+	$(PY) -m benchmarks.run $(BENCH_ARGS)
+
 lint: setup
-	$(VENV)/bin/ruff check kiln build backends clients tests
+	$(VENV)/bin/ruff check kiln build backends clients tests loadtests benchmarks
 
 clean:  ## remove build outputs (not the virtual environment)
 	rm -rf artifacts .setuptools-build

@@ -1,0 +1,1059 @@
+"""`make bench`: kiln side by side with the alternatives, in one run, on one machine.
+
+    python -m benchmarks.run                       # everything, ~10 minutes on 2 cores
+    python -m benchmarks.run --quick               # every comparison, tiny grids (~2-3 minutes)
+    python -m benchmarks.run --device gpu          # a GPU host: models on CUDA, baseline on CUDA
+    python -m benchmarks.run --http-url H:8000 --grpc-url H:8001   # a running kiln server
+
+The six comparisons of issue 6, each measured side by side in the same run, with the same load
+generator (`benchmarks.loadgen`: closed loop at a concurrency, or open loop at a rate) and the
+same request mix (`loadtests.inputs`), every answer checked (`loadtests.checks`), repeats
+interleaved (repeat 1 of every system, then repeat 2, ...) and medians quoted:
+
+1. Serving efficiency: `image_classifier_int8` over gRPC at saturation (the best of the
+   concurrency grid) against the in-process reference pipeline (`benchmarks.inprocess`).
+2. Against FastAPI + PyTorch eager (`benchmarks.baseline_fastapi`, FP32, one request at a time):
+   kiln INT8 and kiln FP32, all over HTTP, at the same concurrencies: throughput ratio and p99.
+3. INT8 against FP32, both served (gRPC, same concurrency).
+4. Dynamic batching on against off (a variant repository without the batcher,
+   `benchmarks.variants`) for `fraud_scorer` and `digits_reader` at concurrency 32.
+5. Ensemble overhead: perf_analyzer on each ensemble and on each of its steps alone (fed the
+   tensors that flow through the ensemble), and the server-side time each step adds.
+6. Capacity: the highest request rate `fraud_scorer` holds with p99 under 10 ms (open loop,
+   searched by doubling then bisection; checked with perf_analyzer at that rate).
+
+perf_analyzer (`benchmarks.perf`) re-measures the Triton saturation figures as a second,
+independent generator. Every figure carries the generator's CPU share of the machine (and the
+server's when it runs here): on 2 cores the generator competes with the server.
+
+Results: `results/bench-<UTC time>-<commit>/` with `results.md` (the tables, PASS/MISS stated
+plainly), `results.json` (everything, every repeat), plots, the request mixes, the server logs,
+and the exact commands.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+import urllib.request
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from statistics import median
+from typing import Any
+
+import numpy as np
+
+from benchmarks import inprocess, loadgen, perf, report, variants
+from kiln import paths, tensors
+from loadtests import checks, environment, inputs, wire
+
+MODELS = (
+    tensors.IMAGE_CLASSIFIER_INT8,
+    tensors.IMAGE_CLASSIFIER,
+    tensors.DIGITS_READER,
+    tensors.FRAUD_SCORER,
+    tensors.TEXT_EMBEDDER,
+)
+"""The served models the benchmark loads and sends requests to."""
+BATCHING_MODELS = (tensors.FRAUD_SCORER, tensors.DIGITS_READER)
+"""Target 4's pipelines, served again without dynamic batching."""
+CAPACITY_MODEL = tensors.FRAUD_SCORER
+CAPACITY_P99_MS = 10.0
+"""Target 6: the p99 a rate must hold."""
+CAPACITY_MIN_RATE = 10.0
+CAPACITY_MAX_RATE = 100_000.0
+"""The capacity search's bounds (requests per second)."""
+CAPACITY_MIN_DELIVERED = 0.97
+"""A rate is held only when at least this share of it completed (no silent backlog)."""
+BASELINE_STARTUP_S = 180.0
+STEP_INPUT_ITEMS = 12
+"""Requests of each ensemble whose per-step tensors feed perf_analyzer for the steps alone."""
+STEP_INPUT_ELEMENTS = 500_000
+STEP_INPUT_MIN_ITEMS = 2
+"""A step's input file keeps at most this many tensor elements (at least 2 requests): resnet50's
+images are 150,528 floats each, as JSON text about 2.6 MB an image."""
+TARGETS = {
+    1: ("Serving efficiency", 0.90),
+    2: ("Against FastAPI + PyTorch eager", 5.0),
+    3: ("INT8 against FP32, both served", 2.5),
+    4: ("Dynamic batching on against off", 3.5),
+    5: ("Ensemble overhead", 0.90),
+    6: ("Capacity of fraud_scorer at p99 < 10 ms", None),
+}
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Grid sizes and durations (scale them up with the flags for steadier figures)."""
+
+    duration_s: float = 4.0
+    warmup_s: float = 1.0
+    repeats: int = 3
+    image_grid: tuple[int, ...] = (1, 4, 16, 32)
+    http_grid: tuple[int, ...] = (1, 16)
+    compare_concurrency: int = 16
+    batching_concurrency: int = 32
+    ensembles: tuple[str, ...] = (tensors.IMAGE_CLASSIFIER_INT8, tensors.FRAUD_SCORER, tensors.TEXT_EMBEDDER)
+    ensemble_concurrency: dict[str, int] = field(
+        default_factory=lambda: {
+            tensors.IMAGE_CLASSIFIER_INT8: 16,
+            tensors.FRAUD_SCORER: 32,
+            tensors.TEXT_EMBEDDER: 16,
+        }
+    )
+    perf_ms: int = 2000
+    perf_ms_slow: int = 4000
+    """perf_analyzer's window for the image models (tens of requests a second: longer windows)."""
+    perf_trials: int = 4
+    capacity_start: float = 100.0
+    capacity_bisections: int = 3
+    capacity_duration_s: float = 3.0
+
+
+FULL = Settings()
+QUICK = Settings(
+    duration_s=1.5,
+    warmup_s=0.5,
+    repeats=1,
+    image_grid=(1, 8),
+    http_grid=(8,),
+    compare_concurrency=8,
+    batching_concurrency=32,
+    ensembles=(tensors.FRAUD_SCORER,),
+    perf_ms=800,
+    perf_ms_slow=2000,
+    perf_trials=3,
+    capacity_start=200.0,
+    capacity_bisections=1,
+    capacity_duration_s=1.5,
+)
+
+
+@dataclass
+class Endpoint:
+    """A Triton server the benchmark talks to."""
+
+    name: str
+    http_url: str
+    grpc_url: str
+    pids: tuple[int, ...] = ()
+
+
+@dataclass
+class Plan:
+    """One cell: a system at a load, measured `repeats` times."""
+
+    id: str
+    comparison: int
+    system: str
+    transport: str
+    mode: str  # "closed", "open" or "in-process"
+    level: float
+    measure: Callable[[int], loadgen.Run]
+    warm: tuple[str, Callable[[], list[str]]] | None = None
+    """(key, function): sends the mix once before the system's first cell (once per key)."""
+
+
+class Bench:
+    """One benchmark run: its settings, servers, request mixes and results."""
+
+    def __init__(self, args: argparse.Namespace, settings: Settings, out: Path) -> None:
+        self.args = args
+        self.settings = settings
+        self.out = out
+        self.cells: dict[str, dict[str, Any]] = {}
+        self.perf: list[dict[str, Any]] = []
+        self.targets: dict[int, dict[str, Any]] = {}
+        self.ensembles: list[dict[str, Any]] = []
+        self.capacity: dict[str, Any] = {}
+        self.commands: list[str] = []
+        self.notes: list[str] = []
+        self.corpora: dict[str, inputs.Corpus] = {}
+        self.checkers: dict[str, checks.Checker] = {}
+        self.mixes: dict[str, wire.EncodedMix] = {}
+        self.main: Endpoint | None = None
+        self.nobatch: Endpoint | None = None
+        self.baseline_url: str | None = None
+        self.baseline_pid: int | None = None
+        self._warmed: set[str] = set()
+
+    # --- bookkeeping ---
+
+    def log(self, text: str) -> None:
+        """Progress, to stdout."""
+        print(f"[bench {time.strftime('%H:%M:%S')}] {text}", flush=True)
+
+    def corpus(self, model: str) -> inputs.Corpus:
+        """The request mix of `model` (built once)."""
+        if model not in self.corpora:
+            corpus = inputs.build(model, reference=not self.args.no_reference)
+            inputs.save(corpus, self.out / "inputs" / f"{model}.pkl")
+            self.corpora[model] = corpus
+            self.checkers[model] = checks.Checker.for_model(model)
+            self.mixes[model] = wire.encode(corpus, [o.name for o in self.checkers[model].contract.outputs])
+            self.log(f"request mix: {corpus.summary()}")
+        return self.corpora[model]
+
+    def target_for(self, endpoint: Endpoint, model: str, transport: str) -> loadgen.Target:
+        """A fresh generator target for `model` on `endpoint` over `transport` ("gRPC" or "HTTP")."""
+        mix = self.mixes[model]
+        if transport == "gRPC":
+            return loadgen.TritonGrpc(endpoint.grpc_url, mix)
+        return loadgen.TritonHttp(endpoint.http_url, mix)
+
+    def plan(
+        self,
+        id_: str,
+        comparison: int,
+        system: str,
+        endpoint: Endpoint,
+        model: str,
+        transport: str,
+        concurrency: int,
+    ) -> Plan:
+        """A closed-loop cell of `model` on `endpoint`, warmed once per (endpoint, model, transport)."""
+        corpus = self.corpus(model)
+        checker = self.checkers[model]
+
+        def measure(repeat: int) -> loadgen.Run:
+            return loadgen.run_closed(
+                self.target_for(endpoint, model, transport),
+                corpus,
+                checker,
+                concurrency,
+                self.settings.duration_s,
+                self.settings.warmup_s,
+                endpoint.pids,
+                seed=repeat,
+            )
+
+        def warm() -> list[str]:
+            return loadgen.run_warm_up(self.target_for(endpoint, model, transport), corpus, checker)
+
+        key = f"{endpoint.name}/{model}/{transport}"
+        return Plan(id_, comparison, system, transport, "closed", concurrency, measure, (key, warm))
+
+    def side_by_side(self, plans: Sequence[Plan]) -> None:
+        """Measures every plan `repeats` times, interleaved: repeat r of all, then r + 1."""
+        for plan in plans:
+            self.cells.setdefault(
+                plan.id,
+                {
+                    "id": plan.id,
+                    "comparison": plan.comparison,
+                    "system": plan.system,
+                    "transport": plan.transport,
+                    "mode": plan.mode,
+                    "level": plan.level,
+                    "runs": [],
+                },
+            )
+        for plan in plans:
+            if plan.warm is None or plan.warm[0] in self._warmed:
+                continue
+            self._warmed.add(plan.warm[0])
+            try:
+                errors = plan.warm[1]()
+            except Exception as error:  # noqa: BLE001 - its cells will fail and say why
+                errors = [f"{type(error).__name__}: {error}"]
+            self.log(
+                f"warmed {plan.warm[0]}" + (f": {len(errors)} errors, first: {errors[0]}" if errors else "")
+            )
+        for repeat in range(self.settings.repeats):
+            for plan in plans:
+                try:
+                    run = plan.measure(repeat)
+                except Exception as error:  # noqa: BLE001 - one broken cell must not end the run
+                    self.log(f"{plan.id}: FAILED: {error}")
+                    self.cells[plan.id].setdefault("errors", []).append(f"{type(error).__name__}: {error}")
+                    continue
+                self.cells[plan.id]["runs"].append(run.to_json())
+                self.log(
+                    f"{plan.id} [{repeat + 1}/{self.settings.repeats}]: {run.throughput:.1f}/s, "
+                    f"p99 {_ms(run.p99_ms)}, failures {run.failures}, generator CPU {_pct(run.generator_cpu)}"
+                    + (f", errors {run.errors[:2]}" if run.errors else "")
+                )
+        for plan in plans:
+            self.cells[plan.id]["median"] = medians(self.cells[plan.id]["runs"])
+
+    def pa(self, comparison: int, id_: str, model: str, input_file: Path, **kwargs: Any) -> perf.PerfResult:
+        """One perf_analyzer run against the main server (or `endpoint=`), recorded."""
+        endpoint = kwargs.pop("endpoint", None) or self.main
+        cell = kwargs.pop("cell", None)
+        window = self.settings.perf_ms_slow if kwargs.pop("slow", False) else self.settings.perf_ms
+        assert endpoint is not None
+        result = perf.run(
+            model,
+            endpoint.grpc_url,
+            input_file,
+            measurement_ms=window,
+            max_trials=self.settings.perf_trials,
+            **kwargs,
+        )
+        self.commands.append(" ".join(result.command))
+        entry = {"id": id_, "comparison": comparison, "cell": cell, **result.to_json()}
+        self.perf.append(entry)
+        if result.error:
+            self.log(f"perf_analyzer {id_}: {result.error}")
+        else:
+            self.log(
+                f"perf_analyzer {id_}: {result.throughput:.1f}/s, p99 {_ms(result.p99_ms)}, "
+                f"CPU {_pct(result.generator_cpu)}"
+            )
+        return result
+
+    def input_file(self, model: str) -> Path:
+        """perf_analyzer's input data for `model`: the request mix."""
+        path = self.out / "perf_inputs" / f"{model}.json"
+        if not path.is_file():
+            perf.input_file([item.inputs for item in self.corpus(model).items], path)
+        return path
+
+    def median_of(self, cell_id: str, key: str) -> float | None:
+        """A cell's median figure."""
+        cell = self.cells.get(cell_id)
+        return None if cell is None else cell.get("median", {}).get(key)
+
+    def perf_entry(self, id_: str) -> dict[str, Any] | None:
+        """A recorded perf_analyzer result."""
+        return next((p for p in self.perf if p["id"] == id_), None)
+
+    def target(self, number: int, **fields: Any) -> None:
+        """Records target `number`'s outcome."""
+        title, threshold = TARGETS[number]
+        self.targets[number] = {"number": number, "title": title, "threshold": threshold, **fields}
+
+    # --- servers ---
+
+    def start_servers(self, stack: list[Callable[[], None]]) -> None:
+        """The main server (embedded unless a URL was given), the no-batching variant, FastAPI."""
+        args = self.args
+        self.start_baseline(stack)
+        if args.http_url:
+            self.main = Endpoint("kiln (given URL)", args.http_url, args.grpc_url)
+        else:
+            self.main = self.embedded(
+                "kiln", "kiln", variants.on_gpu if args.device == "gpu" else None, MODELS, stack
+            )
+        if args.nobatch_http_url:
+            self.nobatch = Endpoint(
+                "kiln without batching (given URL)", args.nobatch_http_url, args.nobatch_grpc_url
+            )
+        elif not args.http_url:
+
+            def transform(spec: Any) -> Any:
+                spec = variants.without_dynamic_batching(spec)
+                return variants.on_gpu(spec) if args.device == "gpu" else spec
+
+            self.nobatch = self.embedded(
+                "kiln, dynamic batching off", "nobatch", transform, BATCHING_MODELS, stack
+            )
+        else:
+            self.notes.append(
+                "Target 4 was not run: a running server was given (--http-url) but no server without "
+                "dynamic batching (--nobatch-http-url / --nobatch-grpc-url)."
+            )
+        self.wait_baseline()
+
+    def embedded(
+        self,
+        name: str,
+        slug: str,
+        transform: Callable[[Any], Any] | None,
+        models: Sequence[str],
+        stack: list[Callable[[], None]],
+    ) -> Endpoint:
+        """Starts an embedded tritonserver (on a variant repository when `transform`); its log is
+        `tritonserver-<slug>.log` in the results."""
+        from kiln.server import FREE_PORT, TritonServer
+
+        repository = paths.model_repository()
+        if transform is not None:
+            folder = Path(tempfile.mkdtemp(prefix="kiln-bench-repo-"))
+            stack.append(lambda: shutil.rmtree(folder, ignore_errors=True))
+            repository = variants.variant_repository(folder / "repository", transform)
+            self.log(f"{name}: variant repository {repository}")
+        server = TritonServer(
+            repository,
+            http_port=FREE_PORT,
+            grpc_port=FREE_PORT,
+            metrics_port=FREE_PORT,
+            model_control_mode="explicit",
+            load_models=list(models),
+            log_file=self.out / f"tritonserver-{slug}.log",
+        )
+        self.log(f"{name}: starting tritonserver ({', '.join(models)}) ...")
+        started = time.monotonic()
+        server.start()
+        stack.append(server.stop)
+        self.log(
+            f"{name}: ready in {time.monotonic() - started:.0f} s, "
+            f"http {server.http_url}, grpc {server.grpc_url}"
+        )
+        self.commands.append(
+            f"# {name}: kiln.server.TritonServer({repository}, model_control_mode='explicit', "
+            f"load_models={list(models)}) -> tritonserver pid {server.pid}"
+        )
+        return Endpoint(name, server.http_url, server.grpc_url, (server.pid,) if server.pid else ())
+
+    def start_baseline(self, stack: list[Callable[[], None]]) -> None:
+        """Starts `uvicorn benchmarks.baseline_fastapi:app` (one worker) on a free port."""
+        from kiln.server import pick_free_ports
+
+        port = pick_free_ports("127.0.0.1", 1)[0]
+        command = [
+            sys.executable,
+            "-m",
+            "uvicorn",
+            "benchmarks.baseline_fastapi:app",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+            "--log-level",
+            "warning",
+            "--no-access-log",
+        ]
+        env = dict(os.environ)
+        env["KILN_BASELINE_DEVICE"] = "cuda" if self.args.device == "gpu" else "cpu"
+        log = open(self.out / "baseline_fastapi.log", "w")  # noqa: SIM115 - closed on exit
+        process = subprocess.Popen(command, cwd=paths.ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+
+        def stop() -> None:
+            process.terminate()
+            try:
+                process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                process.kill()
+            log.close()
+
+        stack.append(stop)
+        self.baseline_url = f"127.0.0.1:{port}"
+        self.baseline_pid = process.pid
+        self._baseline_process = process
+        self.commands.append(f"KILN_BASELINE_DEVICE={env['KILN_BASELINE_DEVICE']} " + " ".join(command))
+
+    def wait_baseline(self) -> None:
+        """Waits until the baseline answers /health with the model loaded."""
+        deadline = time.monotonic() + BASELINE_STARTUP_S
+        while time.monotonic() < deadline:
+            if self._baseline_process.poll() is not None:
+                raise RuntimeError(f"the FastAPI baseline exited; see {self.out / 'baseline_fastapi.log'}")
+            try:
+                with urllib.request.urlopen(f"http://{self.baseline_url}/health", timeout=2) as response:
+                    if json.loads(response.read()).get("status") == "ready":
+                        self.log(f"FastAPI baseline ready on {self.baseline_url}")
+                        return
+            except OSError:
+                pass
+            time.sleep(0.5)
+        raise RuntimeError(f"the FastAPI baseline was not ready after {BASELINE_STARTUP_S:.0f} s")
+
+    # --- the comparisons ---
+
+    def image_comparisons(self) -> None:
+        """Targets 1, 2 and 3: one side-by-side block of every image system."""
+        s, main = self.settings, self.main
+        assert main is not None
+        int8, fp32 = tensors.IMAGE_CLASSIFIER_INT8, tensors.IMAGE_CLASSIFIER
+        for model in (int8, fp32):
+            self.corpus(model)
+        reference = inprocess.classifier(int8, self.args.device)
+
+        def in_process(repeat: int) -> loadgen.Run:
+            return inprocess.measure(
+                reference, self.corpora[int8], self.checkers[int8], s.duration_s, s.warmup_s
+            )
+
+        plans = [
+            Plan(
+                "1/reference-int8", 1, "in-process reference, INT8", "in-process", "in-process", 0, in_process
+            )
+        ]
+        for c in sorted({*s.image_grid, s.compare_concurrency}):
+            plans.append(self.plan(f"1/kiln-int8-grpc-c{c}", 1, "kiln INT8", main, int8, "gRPC", c))
+        c = s.compare_concurrency
+        plans.append(self.plan(f"3/kiln-fp32-grpc-c{c}", 3, "kiln FP32", main, fp32, "gRPC", c))
+        for c in s.http_grid:
+            plans.append(self._baseline(f"2/baseline-fp32-http-c{c}", self.corpora[fp32], c))
+            plans.append(self.plan(f"2/kiln-int8-http-c{c}", 2, "kiln INT8", main, int8, "HTTP", c))
+            plans.append(self.plan(f"2/kiln-fp32-http-c{c}", 2, "kiln FP32", main, fp32, "HTTP", c))
+        self.log(f"targets 1-3: {len(plans)} cells x {s.repeats} repeats")
+        self.side_by_side(plans)
+        c = s.compare_concurrency
+        for number, model, cell in ((1, int8, f"1/kiln-int8-grpc-c{c}"), (3, fp32, f"3/kiln-fp32-grpc-c{c}")):
+            id_ = f"{number}/pa-{'int8' if model == int8 else 'fp32'}-c{c}"
+            self.pa(number, id_, model, self.input_file(model), concurrency=c, cell=cell, slow=True)
+        self._score_image_targets()
+
+    def _baseline(self, id_: str, corpus: inputs.Corpus, concurrency: int) -> Plan:
+        """A closed-loop cell of the FastAPI baseline, with the FP32 pipeline's checks."""
+        checker = self.checkers.setdefault("baseline", checks.Checker.for_model(tensors.IMAGE_CLASSIFIER))
+
+        def target() -> loadgen.Target:
+            assert self.baseline_url is not None
+            return loadgen.BaselineHttp(self.baseline_url, corpus)
+
+        def measure(repeat: int) -> loadgen.Run:
+            pids = (self.baseline_pid,) if self.baseline_pid else ()
+            return loadgen.run_closed(
+                target(),
+                corpus,
+                checker,
+                concurrency,
+                self.settings.duration_s,
+                self.settings.warmup_s,
+                pids,
+                seed=repeat,
+            )
+
+        def warm() -> list[str]:
+            return loadgen.run_warm_up(target(), corpus, checker)
+
+        system = "FastAPI + PyTorch eager, FP32"
+        return Plan(id_, 2, system, "HTTP", "closed", concurrency, measure, ("baseline", warm))
+
+    def _score_image_targets(self) -> None:
+        s = self.settings
+        grid = sorted({*s.image_grid, s.compare_concurrency})
+        saturation = [(self.median_of(f"1/kiln-int8-grpc-c{c}", "throughput") or 0.0, c) for c in grid]
+        best, best_c = max(saturation)
+        ref = self.median_of("1/reference-int8", "throughput")
+        best_cell = f"1/kiln-int8-grpc-c{best_c}"
+        self.target(
+            1,
+            target="served / in-process >= 0.90",
+            ratio=best / ref if ref else None,
+            passed=bool(ref) and best / ref >= 0.90,
+            measured=f"{best:.1f} vs {_num(ref)} images/s (kiln at concurrency {best_c}, gRPC)",
+            cells=["1/reference-int8", best_cell],
+            generator_cpu=self.median_of(best_cell, "generator_cpu"),
+        )
+        c = s.compare_concurrency if s.compare_concurrency in s.http_grid else max(s.http_grid)
+        base = f"2/baseline-fp32-http-c{c}"
+        kiln8, kiln32 = f"2/kiln-int8-http-c{c}", f"2/kiln-fp32-http-c{c}"
+        b_tp, k_tp, f_tp = (self.median_of(i, "throughput") for i in (base, kiln8, kiln32))
+        b_p99, k_p99, f_p99 = (self.median_of(i, "p99_ms") for i in (base, kiln8, kiln32))
+        ratio = k_tp / b_tp if b_tp and k_tp is not None else None
+        self.target(
+            2,
+            target="kiln INT8 / baseline >= 5x at the same concurrency, p99 no worse",
+            ratio=ratio,
+            passed=ratio is not None
+            and ratio >= 5.0
+            and k_p99 is not None
+            and b_p99 is not None
+            and k_p99 <= b_p99,
+            measured=(
+                f"at concurrency {c} (HTTP): kiln INT8 {_num(k_tp)}/s p99 {_ms(k_p99)}; baseline FP32 "
+                f"{_num(b_tp)}/s p99 {_ms(b_p99)}; FP32 against FP32: kiln {_num(f_tp)}/s p99 {_ms(f_p99)} "
+                f"= {_ratio(f_tp, b_tp)} (serving gain), INT8/FP32 served {_ratio(k_tp, f_tp)} "
+                "(quantization gain)"
+            ),
+            extra={
+                "fp32_ratio": f_tp / b_tp if f_tp and b_tp else None,
+                "p99_kiln_ms": k_p99,
+                "p99_baseline_ms": b_p99,
+                "p99_kiln_fp32_ms": f_p99,
+            },
+            cells=[base, kiln8, kiln32],
+            generator_cpu=self.median_of(kiln8, "generator_cpu"),
+        )
+        c = s.compare_concurrency
+        int8_cell, fp32_cell = f"1/kiln-int8-grpc-c{c}", f"3/kiln-fp32-grpc-c{c}"
+        i_tp, f_tp = self.median_of(int8_cell, "throughput"), self.median_of(fp32_cell, "throughput")
+        pa8, pa32 = self.perf_entry(f"1/pa-int8-c{c}"), self.perf_entry(f"3/pa-fp32-c{c}")
+        pa_ratio = (
+            (pa8["throughput"] / pa32["throughput"])
+            if pa8 and pa32 and pa8["throughput"] and pa32["throughput"]
+            else None
+        )
+        ratio = i_tp / f_tp if i_tp and f_tp else None
+        self.target(
+            3,
+            target="INT8 / FP32 >= 2.5x (throughput, both served)",
+            ratio=ratio,
+            passed=ratio is not None and ratio >= 2.5,
+            measured=(
+                f"at concurrency {c} (gRPC): INT8 {_num(i_tp)}/s, FP32 {_num(f_tp)}/s; perf_analyzer: "
+                f"{_ratio(pa8 and pa8['throughput'], pa32 and pa32['throughput'])}"
+            ),
+            extra={"perf_analyzer_ratio": pa_ratio},
+            cells=[int8_cell, fp32_cell],
+            generator_cpu=self.median_of(int8_cell, "generator_cpu"),
+        )
+
+    def batching(self) -> None:
+        """Target 4: dynamic batching on against off, side by side."""
+        if self.nobatch is None:
+            self.target(
+                4,
+                target="on / off >= 3.5x at concurrency 32, p99 no worse",
+                passed=None,
+                ratio=None,
+                measured="not run (no server without batching)",
+                cells=[],
+            )
+            return
+        assert self.main is not None
+        c = self.settings.batching_concurrency
+        plans = []
+        for model in BATCHING_MODELS:
+            self.corpus(model)
+            plans.append(
+                self.plan(f"4/{model}-on-c{c}", 4, f"{model}, batching on", self.main, model, "gRPC", c)
+            )
+            off = self.plan(
+                f"4/{model}-off-c{c}", 4, f"{model}, batching off", self.nobatch, model, "gRPC", c
+            )
+            plans.append(off)
+        self.log(f"target 4: {len(plans)} cells x {self.settings.repeats} repeats")
+        self.side_by_side(plans)
+        results = []
+        for model in BATCHING_MODELS:
+            self.pa(
+                4,
+                f"4/pa-{model}-on-c{c}",
+                model,
+                self.input_file(model),
+                concurrency=c,
+                cell=f"4/{model}-on-c{c}",
+            )
+            self.pa(
+                4,
+                f"4/pa-{model}-off-c{c}",
+                model,
+                self.input_file(model),
+                concurrency=c,
+                endpoint=self.nobatch,
+                cell=f"4/{model}-off-c{c}",
+            )
+            on, off = f"4/{model}-on-c{c}", f"4/{model}-off-c{c}"
+            on_tp, off_tp = self.median_of(on, "throughput"), self.median_of(off, "throughput")
+            on_p99, off_p99 = self.median_of(on, "p99_ms"), self.median_of(off, "p99_ms")
+            ratio = on_tp / off_tp if on_tp and off_tp else None
+            passed = (
+                ratio is not None
+                and ratio >= 3.5
+                and on_p99 is not None
+                and off_p99 is not None
+                and on_p99 <= off_p99
+            )
+            results.append((model, ratio, passed, on_tp, off_tp, on_p99, off_p99))
+        self.target(
+            4,
+            target="on / off >= 3.5x at concurrency 32, p99 no worse",
+            ratio=min((r[1] for r in results if r[1] is not None), default=None),
+            passed=all(r[2] for r in results),
+            measured="; ".join(
+                f"{m}: {_num(a)}/s vs {_num(b)}/s = {_ratio(a, b)}, p99 {_ms(p)} vs {_ms(q)}"
+                for m, _, _, a, b, p, q in results
+            ),
+            per_model={m: {"ratio": r, "passed": ok} for m, r, ok, *_ in results},
+            cells=[f"4/{m}-{k}-c{c}" for m in BATCHING_MODELS for k in ("on", "off")],
+            generator_cpu=max(
+                (self.median_of(f"4/{m}-on-c{c}", "generator_cpu") or 0) for m in BATCHING_MODELS
+            ),
+        )
+
+    def ensemble_overhead(self) -> None:
+        """Target 5: each ensemble against its steps served alone (perf_analyzer), and the
+        server-side time per step."""
+        assert self.main is not None
+        verdicts = []
+        for name in self.settings.ensembles:
+            spec = checks.served(name)
+            c = self.settings.ensemble_concurrency.get(name, 16)
+            corpus = self.corpus(name)
+            step_requests = step_tensors(self.main.grpc_url, spec, corpus, STEP_INPUT_ITEMS)
+            slow = name.startswith("image_classifier")
+            whole = self.pa(5, f"5/pa-{name}-c{c}", name, self.input_file(name), concurrency=c, slow=slow)
+            alone = {}
+            for step in spec.steps:
+                requests = step_requests[step.model]
+                per_request = max(sum(int(np.asarray(a).size) for a in requests[0].values()), 1)
+                keep = max(STEP_INPUT_MIN_ITEMS, min(len(requests), STEP_INPUT_ELEMENTS // per_request))
+                path = perf.input_file(
+                    requests[:keep], self.out / "perf_inputs" / f"{name}--{step.model}.json"
+                )
+                alone[step.model] = self.pa(
+                    5, f"5/pa-{name}-step-{step.model}-c{c}", step.model, path, concurrency=c, slow=slow
+                )
+            slowest = min(
+                ((r.throughput, m) for m, r in alone.items() if r.throughput is not None),
+                default=(None, None),
+            )
+            ratio = whole.throughput / slowest[0] if whole.throughput and slowest[0] else None
+            steps = []
+            for step in spec.steps:
+                timing = next((t for t in whole.composing if t.model == step.model), None)
+                steps.append(
+                    {
+                        "model": step.model,
+                        "backend": getattr(checks.served(step.model), "backend", None),
+                        "alone_throughput": alone[step.model].throughput,
+                        "alone_p99_ms": alone[step.model].p99_ms,
+                        "in_ensemble": dataclasses.asdict(timing) if timing else None,
+                        "average_batch": timing.average_batch if timing else None,
+                    }
+                )
+            step_sum = sum(s["in_ensemble"]["total_us"] for s in steps if s["in_ensemble"])
+            self.ensembles.append(
+                {
+                    "ensemble": name,
+                    "concurrency": c,
+                    "throughput": whole.throughput,
+                    "p99_ms": whole.p99_ms,
+                    "server_total_us": whole.server.total_us if whole.server else None,
+                    "steps_total_us": step_sum,
+                    "slowest_step": slowest[1],
+                    "slowest_throughput": slowest[0],
+                    "ratio": ratio,
+                    "steps": steps,
+                    "generator_cpu": whole.generator_cpu,
+                    "error": whole.error,
+                },
+            )
+            verdicts.append((name, ratio, slowest[1]))
+        ratios = [r for _, r, _ in verdicts if r is not None]
+        self.target(
+            5,
+            target="ensemble / slowest step alone >= 0.90 (perf_analyzer)",
+            ratio=min(ratios) if ratios else None,
+            passed=bool(ratios) and len(ratios) == len(verdicts) and all(r >= 0.90 for r in ratios),
+            measured="; ".join(f"{n}: {_ratio_value(r)} of {s}" for n, r, s in verdicts),
+            per_model={n: {"ratio": r, "slowest_step": s} for n, r, s in verdicts},
+            cells=[],
+            generator_cpu=max((e["generator_cpu"] or 0) for e in self.ensembles) if self.ensembles else None,
+            generator="perf_analyzer",
+        )
+
+    def capacity_search(self) -> None:
+        """Target 6: the highest open-loop rate of fraud_scorer with p99 under 10 ms."""
+        assert self.main is not None
+        s = self.settings
+        model = CAPACITY_MODEL
+        corpus = self.corpus(model)
+
+        def probe(rate: float, seed: int = 0) -> loadgen.Run:
+            target = loadgen.TritonGrpc(self.main.grpc_url, self.mixes[model])  # type: ignore[union-attr]
+            return loadgen.run_open(
+                target,
+                corpus,
+                self.checkers[model],
+                rate,
+                s.capacity_duration_s,
+                s.warmup_s,
+                self.main.pids,
+                seed=seed,  # type: ignore[union-attr]
+            )
+
+        def held(run: loadgen.Run, rate: float) -> bool:
+            return (
+                run.failures == 0
+                and run.p99_ms is not None
+                and run.p99_ms <= CAPACITY_P99_MS
+                and run.throughput >= CAPACITY_MIN_DELIVERED * rate
+            )
+
+        probes: list[dict[str, Any]] = []
+
+        def record(rate: float) -> bool:
+            run = probe(rate)
+            ok = held(run, rate)
+            probes.append({"rate": rate, "held": ok, **run.to_json()})
+            self.log(
+                f"capacity probe {rate:.0f}/s: delivered {run.throughput:.0f}/s, p99 {_ms(run.p99_ms)}, "
+                f"failures {run.failures}, generator CPU {_pct(run.generator_cpu)} -> "
+                + ("held" if ok else "not held")
+            )
+            return ok
+
+        # Doubling up from the start rate (or halving down, when it does not hold), then bisection.
+        low, high = 0.0, None
+        rate = s.capacity_start
+        if record(rate):
+            low = rate
+            while high is None and rate * 2 <= CAPACITY_MAX_RATE:
+                rate *= 2
+                if record(rate):
+                    low = rate
+                else:
+                    high = rate
+        else:
+            high = rate
+            while not low and rate / 2 >= CAPACITY_MIN_RATE:
+                rate /= 2
+                if record(rate):
+                    low = rate
+                else:
+                    high = rate
+        for _ in range(s.capacity_bisections if low and high else 0):
+            mid = (low + high) / 2  # type: ignore[operator]
+            if record(mid):
+                low = mid
+            else:
+                high = mid
+        # Verify with the cell's repeats; when the median misses, once more at a lower rate.
+        candidates = [low] if low else []
+        lower = sorted((p["rate"] for p in probes if p["held"] and p["rate"] < low), reverse=True)
+        candidates += lower[:1] or ([low * 0.8] if low else [])
+        capacity, verify, verified, pa_result = 0.0, {}, False, None
+        for rate in candidates:
+            plan = Plan(
+                f"6/{model}-open-{rate:.0f}", 6, f"{model} at the capacity rate", "gRPC", "open", rate,
+                lambda repeat, rate=rate: probe(rate, seed=repeat),
+            )  # fmt: skip
+            self.side_by_side([plan])
+            verify = self.cells[plan.id]["median"]
+            capacity = rate
+            verified = bool(
+                verify.get("p99_ms") is not None
+                and verify["p99_ms"] <= CAPACITY_P99_MS
+                and verify.get("failures") == 0
+            )
+            if verified:
+                break
+        if capacity:
+            pa_result = self.pa(
+                6, f"6/pa-{model}-rate-{capacity:.0f}", model, self.input_file(model), rate=capacity,
+                cell=f"6/{model}-open-{capacity:.0f}",
+            )  # fmt: skip
+        self.capacity = {
+            "model": model,
+            "p99_limit_ms": CAPACITY_P99_MS,
+            "rate": capacity,
+            "probes": probes,
+            "verified": verified,
+            "median_at_rate": verify,
+            "bracket": [low, high],
+        }
+        self.target(
+            6,
+            target=f"report the highest rate with p99 < {CAPACITY_P99_MS:g} ms",
+            ratio=None,
+            passed=verified,
+            report_only=True,
+            measured=(
+                f"{capacity:.0f} requests/s (open loop, gRPC): median p99 {_ms(verify.get('p99_ms'))} over "
+                f"{s.repeats} repeats; perf_analyzer at that rate: "
+                + (
+                    f"{_num(pa_result.throughput)}/s, p99 {_ms(pa_result.p99_ms)}"
+                    if pa_result and not pa_result.error
+                    else "no figure"
+                )
+                + (f"; the next probe ({high:.0f}/s) did not hold" if high else "")
+            ),
+            cells=[f"6/{model}-open-{capacity:.0f}"] if capacity else [],
+            generator_cpu=verify.get("generator_cpu"),
+        )
+
+
+def step_tensors(
+    grpc_url: str, spec: Any, corpus: inputs.Corpus, count: int
+) -> dict[str, list[dict[str, np.ndarray]]]:
+    """The tensors each step of ensemble `spec` receives for the first `count` requests of the mix,
+    obtained by sending them through the steps one by one on the server (the ensemble's wiring)."""
+    import tritonclient.grpc as grpcclient
+    from tritonclient.utils import np_to_triton_dtype
+
+    client = grpcclient.InferenceServerClient(grpc_url)
+    per_step: dict[str, list[dict[str, np.ndarray]]] = {step.model: [] for step in spec.steps}
+    try:
+        for item in corpus.items[:count]:
+            flowing = dict(item.inputs)
+            for step in spec.steps:
+                request = {name: flowing[tensor] for name, tensor in step.inputs.items() if tensor in flowing}
+                per_step[step.model].append(request)
+                infer_inputs = []
+                for name, array in request.items():
+                    infer_input = grpcclient.InferInput(
+                        name, list(array.shape), np_to_triton_dtype(array.dtype)
+                    )
+                    infer_input.set_data_from_numpy(array)
+                    infer_inputs.append(infer_input)
+                result = client.infer(
+                    step.model,
+                    infer_inputs,
+                    outputs=[grpcclient.InferRequestedOutput(n) for n in step.outputs],
+                )
+                for name, tensor in step.outputs.items():
+                    flowing[tensor] = result.as_numpy(name)
+    finally:
+        client.close()
+    return per_step
+
+
+def medians(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The median of every figure over the repeats (and the throughput's range)."""
+    if not runs:
+        return {}
+    out: dict[str, Any] = {"repeats": len(runs)}
+    for key in (
+        "throughput",
+        "p50_ms",
+        "p95_ms",
+        "p99_ms",
+        "mean_ms",
+        "generator_cpu",
+        "server_cpu",
+        "offered_rate",
+    ):
+        values = [r[key] for r in runs if r.get(key) is not None]
+        out[key] = median(values) if values else None
+    out["throughput_min"] = min(r["throughput"] for r in runs)
+    out["throughput_max"] = max(r["throughput"] for r in runs)
+    out["requests"] = sum(r["requests"] for r in runs)
+    out["failures"] = sum(r["failures"] for r in runs)
+    return out
+
+
+def _num(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}"
+
+
+def _ms(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f} ms"
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{value:.0%}"
+
+
+def _ratio(a: float | None, b: float | None) -> str:
+    return "-" if not a or not b else f"{a / b:.2f}x"
+
+
+def _ratio_value(r: float | None) -> str:
+    return "-" if r is None else f"{r:.2f}"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line (see the module docstring)."""
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--http-url", default="", help="a running kiln server's HTTP host:port (default: start one)"
+    )
+    parser.add_argument("--grpc-url", default="", help="its gRPC host:port")
+    parser.add_argument(
+        "--nobatch-http-url", default="", help="a running server without dynamic batching (target 4)"
+    )
+    parser.add_argument("--nobatch-grpc-url", default="", help="its gRPC host:port")
+    parser.add_argument("--device", choices=("cpu", "gpu"), default="cpu", help="where the models run")
+    parser.add_argument(
+        "--out", type=Path, default=None, help="results folder (default results/bench-<UTC>-<commit>)"
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="tiny grids and short cells: a dry run of the harness"
+    )
+    parser.add_argument("--duration", type=float, default=None, help="measured seconds per cell and repeat")
+    parser.add_argument("--warmup", type=float, default=None, help="unmeasured seconds before each cell")
+    parser.add_argument("--repeats", type=int, default=None, help="repeats per cell (medians are quoted)")
+    parser.add_argument(
+        "--only", default="", help="comma-separated comparisons to run (1-6; 1-3 run together)"
+    )
+    parser.add_argument(
+        "--ensembles", default="", help="comma-separated ensembles for target 5 (default: the settings')"
+    )
+    parser.add_argument(
+        "--no-reference", action="store_true", help="no in-process reference answers in the mixes"
+    )
+    args = parser.parse_args(argv)
+    if bool(args.http_url) != bool(args.grpc_url):
+        parser.error("give both --http-url and --grpc-url, or neither")
+    if bool(args.nobatch_http_url) != bool(args.nobatch_grpc_url):
+        parser.error("give both --nobatch-http-url and --nobatch-grpc-url, or neither")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Runs the benchmark; 0 when it ran (targets may be missed: results.md says which), 1 when
+    a comparison could not run."""
+    args = parse_args(argv)
+    settings = QUICK if args.quick else FULL
+    overrides: dict[str, Any] = {
+        k: v
+        for k, v in (("duration_s", args.duration), ("warmup_s", args.warmup), ("repeats", args.repeats))
+        if v is not None
+    }
+    if args.ensembles:
+        overrides["ensembles"] = tuple(e.strip() for e in args.ensembles.split(",") if e.strip())
+    settings = dataclasses.replace(settings, **overrides)
+    commit = environment.commit()
+    out = args.out or paths.ROOT / "results" / f"bench-{environment.utc_stamp()}-{commit}"
+    out.mkdir(parents=True, exist_ok=True)
+    command_line = " ".join(["python -m benchmarks.run", *(sys.argv[1:] if argv is None else argv)])
+    bench = Bench(args, settings, out)
+    bench.log(f"results go to {out}")
+    machine = environment.machine_info()
+    bench.log(environment.describe_machine(machine))
+    started = time.monotonic()
+    only = {int(x) for x in args.only.split(",") if x.strip()} or {1, 2, 3, 4, 5, 6}
+    stack: list[Callable[[], None]] = []
+    failed: list[str] = []
+    try:
+        bench.start_servers(stack)
+        steps: list[tuple[set[int], Callable[[], None]]] = [
+            ({1, 2, 3}, bench.image_comparisons),
+            ({4}, bench.batching),
+            ({5}, bench.ensemble_overhead),
+            ({6}, bench.capacity_search),
+        ]
+        for numbers, step in steps:
+            if not numbers & only:
+                continue
+            try:
+                step()
+            except Exception as error:  # noqa: BLE001 - report the others
+                failed.append(f"{step.__name__}: {type(error).__name__}: {error}")
+                bench.log(f"{step.__name__} FAILED:\n{traceback.format_exc()}")
+                for number in sorted(numbers & only - set(bench.targets)):
+                    bench.target(
+                        number, target="-", ratio=None, passed=None, cells=[],
+                        measured=f"not run: {step.__name__} failed ({type(error).__name__}: {error})",
+                    )  # fmt: skip
+    finally:
+        for stop in reversed(stack):
+            try:
+                stop()
+            except Exception as error:  # noqa: BLE001
+                bench.log(f"cleanup: {error}")
+    results = {
+        "date_utc": environment.utc_stamp(),
+        "commit": commit,
+        "command": command_line,
+        "device": args.device,
+        "server": "embedded (kiln.server.TritonServer)" if not args.http_url else f"given: {args.http_url}",
+        "machine": machine,
+        "settings": dataclasses.asdict(settings),
+        "inputs": {m: {"summary": c.summary(), "notes": c.notes} for m, c in bench.corpora.items()},
+        "targets": [bench.targets[n] for n in sorted(bench.targets)],
+        "cells": list(bench.cells.values()),
+        "perf_analyzer": bench.perf,
+        "ensembles": bench.ensembles,
+        "capacity": bench.capacity,
+        "commands": bench.commands,
+        "notes": bench.notes,
+        "failed": failed,
+        "wall_s": round(time.monotonic() - started, 1),
+    }
+    (out / "results.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
+    report.write(results, out)
+    print((out / "results.md").read_text(), flush=True)
+    bench.log(f"done in {results['wall_s']:.0f} s; results in {out}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
