@@ -16,7 +16,7 @@ from typing import Any
 from google.protobuf import json_format, text_format
 from tritonclient.grpc import model_config_pb2
 
-from kiln.spec import EnsembleSpec, Spec, served_specs, validate
+from kiln.spec import EnsembleSpec, Spec, VersionPolicy, served_specs, validate
 
 TARGETS = ("embedded", "ngc")
 CONFIG_NAME = "config.pbtxt"
@@ -72,6 +72,15 @@ def _ensemble_dict(spec: EnsembleSpec) -> dict[str, Any]:
     }
 
 
+def _version_policy(policy: VersionPolicy) -> dict[str, Any]:
+    """config.pbtxt's `version_policy` (Triton's ModelVersionPolicy oneof) of a spec's policy."""
+    if policy.kind == "all":
+        return {"all": {}}
+    if policy.kind == "specific":
+        return {"specific": {"versions": list(policy.versions)}}
+    return {"latest": {"num_versions": policy.num_versions}}
+
+
 def config_dict(spec: Spec, target: str = "embedded") -> dict[str, Any]:
     """The model config of `spec` for `target`, as the dict `json_format.ParseDict` takes."""
     if target not in TARGETS:
@@ -95,6 +104,9 @@ def config_dict(spec: Spec, target: str = "embedded") -> dict[str, Any]:
         parameters = {_NGC_ONNX_PARAMS[k]: v for k, v in parameters.items() if k in _NGC_ONNX_PARAMS}
     else:
         config["backend"] = spec.backend
+    policy = getattr(spec, "version_policy", None)
+    if policy is not None:
+        config["version_policy"] = _version_policy(policy)
     if spec.dynamic_batching is not None:
         batching = spec.dynamic_batching
         config["dynamic_batching"] = {

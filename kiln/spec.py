@@ -104,6 +104,44 @@ class Warmup:
     count: int = 1
 
 
+VERSION_POLICIES = ("latest", "all", "specific")
+"""Triton's model version policies: serve the newest N versions, every version, or listed ones."""
+
+
+@dataclass(frozen=True)
+class VersionPolicy:
+    """Which version folders of a model Triton serves (config.pbtxt's `version_policy`).
+
+    A request without a version goes to the highest served version; a new version folder is
+    picked up when the model is loaded again (`--model-control-mode explicit` and the repository
+    API's load, or `poll`), and Triton switches to it only once it is ready.
+
+    Attributes:
+        kind: "latest" (the `num_versions` highest), "all", or "specific" (`versions`).
+        num_versions: How many of the newest versions to serve, for "latest".
+        versions: The version numbers to serve, for "specific".
+    """
+
+    kind: str = "latest"
+    num_versions: int = 1
+    versions: tuple[int, ...] = ()
+
+    @classmethod
+    def latest(cls, num_versions: int = 1) -> VersionPolicy:
+        """Serve the `num_versions` highest versions (Triton's default is the latest one)."""
+        return cls("latest", num_versions=num_versions)
+
+    @classmethod
+    def all(cls) -> VersionPolicy:
+        """Serve every version folder."""
+        return cls("all")
+
+    @classmethod
+    def specific(cls, *versions: int) -> VersionPolicy:
+        """Serve exactly these versions."""
+        return cls("specific", versions=tuple(versions))
+
+
 @dataclass(frozen=True)
 class Tolerance:
     """How close an exported model's outputs must be to the reference's: |a-b| <= atol + rtol*|b|."""
@@ -326,6 +364,8 @@ class ModelSpec:
         description: One line for the docs.
         files: Small files `kiln generate` writes into the model's folder beside config.pbtxt
             (file name -> text), e.g. a classifier's `labels.txt`; committed with the config.
+        version_policy: Which versions Triton serves; None leaves Triton's default (the latest
+            version) and writes nothing into the config.
     """
 
     name: str
@@ -340,6 +380,7 @@ class ModelSpec:
     build: BuildSpec | None = None
     description: str = ""
     files: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
+    version_policy: VersionPolicy | None = None
 
 
 @dataclass(frozen=True)
@@ -532,8 +573,38 @@ def _check_model(spec: ModelSpec, backends: Iterable[str] | None) -> list[str]:
             except ParamError as error:
                 problems.append(f"{where}: field 'parameters': {error}")
 
+    if spec.version_policy is not None:
+        problems += _check_version_policy(where, spec.version_policy)
     if spec.build is not None:
         problems += _check_build(where, spec.build)
+    return problems
+
+
+def _check_version_policy(where: str, policy: VersionPolicy) -> list[str]:
+    at = f"{where}: field 'version_policy"
+    if not isinstance(policy, VersionPolicy):
+        return [f"{at}' must be a VersionPolicy, got {type(policy).__name__}"]
+    if policy.kind not in VERSION_POLICIES:
+        return [f"{at}.kind' must be one of {', '.join(VERSION_POLICIES)}, got {policy.kind!r}"]
+    problems = []
+    if policy.kind == "latest" and (not _is_int(policy.num_versions) or policy.num_versions < 1):
+        problems.append(f"{at}.num_versions' must be an integer >= 1, got {policy.num_versions!r}")
+    versions = policy.versions
+    if policy.kind == "specific":
+        if (
+            not isinstance(versions, tuple) or not versions
+            or any(not _is_int(v) or v < 1 for v in versions)
+        ):
+            problems.append(
+                f"{at}.versions' must be a non-empty tuple of version numbers >= 1, got {versions!r}"
+            )
+        elif len(set(versions)) != len(versions):
+            problems.append(f"{at}.versions' repeats a version, got {versions!r}")
+    elif versions:
+        problems.append(
+            f"{at}.versions' is only allowed with kind 'specific', got kind {policy.kind!r} "
+            f"and versions {versions!r}"
+        )
     return problems
 
 
