@@ -9,6 +9,12 @@ Errors a user meets (a port in use, no tritonserver binary, no repository, a mod
 load, Triton exiting) raise a subclass of `ServerError` whose message says what happened and what
 to do; a model's own load error is extracted from Triton's log.
 
+Operations (docs/operations.md): the endpoints bind to loopback unless a host is given; the
+model-repository API (load, unload, index) can be restricted to clients sending a key
+(`repository_key`); `load_model`, `unload_model` and `reload_model` drive it with that key; and
+`backend_processes` / `crashed_backends` watch the python backend's stub processes, since Triton
+2.51 neither restarts a stub that died nor stops reporting its model READY.
+
 Example:
     >>> with TritonServer(repository, http_port=0, grpc_port=0, metrics_port=0) as server:
     ...     client = tritonclient.http.InferenceServerClient(server.http_url)
@@ -24,6 +30,7 @@ import importlib.util
 import json
 import os
 import re
+import secrets
 import shutil
 import signal
 import socket
@@ -33,6 +40,7 @@ import tempfile
 import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -104,13 +112,42 @@ SHM_TOKEN_CHARS = 8
 PR_SET_PDEATHSIG = 1
 """prctl(2) option: deliver a signal to the child when the parent (thread) dies."""
 
+REPOSITORY_CALL_TIMEOUT_S = 300.0
+"""Timeout of a repository load/unload call: Triton answers once the model is loaded."""
+
 HEALTH_READY_PATH = "/v2/health/ready"
 HEALTH_LIVE_PATH = "/v2/health/live"
 SERVER_METADATA_PATH = "/v2"
 REPOSITORY_INDEX_PATH = "/v2/repository/index"
+REPOSITORY_MODEL_PATH = "/v2/repository/models/{model}/{action}"
+MODEL_CONFIG_PATH = "/v2/models/{model}/config"
 METRICS_PATH = "/metrics"
 HTTP_OK = 200
 UNLOADED_STATE = "UNLOADED"
+
+REPOSITORY_API = "model-repository"
+"""Triton's name of the load/unload/index API in --http-restricted-api/--grpc-restricted-protocol."""
+DEFAULT_REPOSITORY_KEY_HEADER = "kiln-repository-key"
+"""The header a client sends the repository key in (HTTP); see `repository_headers`."""
+GRPC_RESTRICTED_HEADER_PREFIX = "triton-grpc-protocol-"
+"""Triton 2.51 expects a restricted gRPC protocol's header under this prefix (gRPC metadata)."""
+MIN_REPOSITORY_KEY_CHARS = 16
+_REPOSITORY_KEY = re.compile(rf"^[A-Za-z0-9_.~+/-]{{{MIN_REPOSITORY_KEY_CHARS},}}$")
+"""A key Triton's `<apis>:<header>=<value>` flag carries unchanged (no ',', ':', '=' or spaces)."""
+_HEADER_NAME = re.compile(r"^[a-z0-9][a-z0-9-]{0,63}$")
+"""A header name valid in HTTP and as gRPC metadata (lowercase)."""
+_MODEL_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
+"""A repository model name (one path segment, as kiln.spec requires)."""
+STUB_ARG_MODEL_FILE = 1
+"""argv index of the stub's model file, `<repository>/<model>/<version>/model.py`."""
+STUB_ARG_INSTANCE = 8
+"""argv index of the stub's model instance name (e.g. `fraud_features_0_0`)."""
+PROC_STAT_EXIT_CODE = 49
+"""Index of `exit_code` (field 52 of proc(5), a waitpid status) after the `(comm)` field."""
+WAIT_SIGNAL_MASK = 0x7F
+WAIT_EXIT_SHIFT = 8
+WAIT_EXIT_MASK = 0xFF
+ZOMBIE = "Z"
 
 _WILDCARD_HOSTS = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}
 _PROTOCOL_NAMES = {"http": "HTTP", "grpc": "gRPC", "metrics": "metrics"}
@@ -222,6 +259,36 @@ class StartupTimeoutError(ServerError):
     """tritonserver did not become ready before the startup deadline."""
 
 
+class RepositoryApiError(ServerError):
+    """A model-repository API call (load, unload, index) failed; the message is Triton's.
+
+    Attributes:
+        status: The HTTP status Triton answered (403: the repository key is missing or wrong),
+            or None when it could not be reached.
+    """
+
+    def __init__(self, message: str, status: int | None, *, log_path: Path | None = None) -> None:
+        super().__init__(message, log_path=log_path)
+        self.status = status
+
+
+class BackendCrashedError(ServerError):
+    """Python backend stub processes died while tritonserver kept running.
+
+    Triton 2.51 neither restarts such a stub nor marks its model unavailable: the model stays
+    READY and every request to it fails ("Stub process '...' is not healthy").
+
+    Attributes:
+        processes: The dead stubs.
+    """
+
+    def __init__(
+        self, summary: str, processes: Sequence[BackendProcess], *, log_path: Path | None = None
+    ) -> None:
+        super().__init__(summary, log_path=log_path)
+        self.processes = list(processes)
+
+
 # --- helpers -------------------------------------------------------------------------------------
 
 
@@ -231,6 +298,72 @@ class Ports(NamedTuple):
     http: int
     grpc: int
     metrics: int
+
+
+class BackendProcess(NamedTuple):
+    """A python backend stub process of a running tritonserver (one per model instance).
+
+    Attributes:
+        pid: Its process id.
+        model: The model it serves ("?" when it died before kiln saw it alive).
+        version: The model version it serves.
+        instance: Triton's instance name, e.g. "fraud_features_0_0".
+        state: Its state letter from /proc (R, S, ... ; "Z": it died and was not reaped).
+        returncode: For a dead stub, its exit status as subprocess reports one (negative: the
+            signal that killed it); None while it runs.
+    """
+
+    pid: int
+    model: str
+    version: str
+    instance: str
+    state: str
+    returncode: int | None
+
+    @property
+    def alive(self) -> bool:
+        """Whether the process still runs (a zombie does not)."""
+        return self.state != ZOMBIE
+
+    def describe(self) -> str:
+        """One line naming the model, the instance, the pid and, for a dead stub, how it ended."""
+        text = f"model '{self.model}' version {self.version} (instance {self.instance}, pid {self.pid})"
+        if self.returncode is not None:
+            text += f": {describe_returncode(self.returncode)}"
+        return text
+
+
+def generate_repository_key() -> str:
+    """A random key for `repository_key` (43 URL-safe characters, 256 bits)."""
+    return secrets.token_urlsafe(32)
+
+
+def _wait_status_to_returncode(status: int) -> int:
+    """A waitpid(2) status as a Popen returncode: -signal, or the exit code."""
+    signal_number = status & WAIT_SIGNAL_MASK
+    return -signal_number if signal_number else (status >> WAIT_EXIT_SHIFT) & WAIT_EXIT_MASK
+
+
+def _proc_children(parent: int) -> list[tuple[int, str, int | None, list[str]]]:
+    """(pid, state, returncode of a zombie, argv) of each child process of `parent`, from /proc."""
+    children = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            fields = stat[stat.rindex(")") + 2 :].split()
+            if int(fields[1]) != parent:
+                continue
+            argv = (entry / "cmdline").read_bytes().decode("utf-8", "replace").split("\0")
+        except (OSError, ValueError, IndexError):  # exited meanwhile
+            continue
+        state = fields[0]
+        returncode = None
+        if state == ZOMBIE and len(fields) > PROC_STAT_EXIT_CODE:
+            returncode = _wait_status_to_returncode(int(fields[PROC_STAT_EXIT_CODE]))
+        children.append((int(entry.name), state, returncode, argv))
+    return children
 
 
 def describe_returncode(returncode: int) -> str:
@@ -432,6 +565,12 @@ class TritonServer:
             None keeps the log quiet.
         binary: The tritonserver to run; default $KILN_TRITONSERVER, else nvidia-pytriton's.
         backends_dir: Folder of kiln's Python-based backends; default `kiln.paths.backends_dir()`.
+        repository_key: Restrict the model-repository API (load, unload, index) on HTTP and gRPC
+            to clients sending this key (at least 16 characters of A-Z a-z 0-9 _ . ~ + / -;
+            `generate_repository_key()` makes one); None leaves it open. `repository_headers`
+            gives the headers a client sends; this object's own calls send them. Note that
+            Triton takes the key on its command line, which local users can read.
+        repository_key_header: The header carrying the key (lowercase letters, digits, '-').
     """
 
     def __init__(
@@ -452,7 +591,21 @@ class TritonServer:
         log_stream: TextIO | None = None,
         binary: str | os.PathLike[str] | None = None,
         backends_dir: str | os.PathLike[str] | None = None,
+        repository_key: str | None = None,
+        repository_key_header: str = DEFAULT_REPOSITORY_KEY_HEADER,
     ) -> None:
+        if repository_key is not None and not _REPOSITORY_KEY.match(repository_key):
+            raise ValueError(
+                f"repository_key must be at least {MIN_REPOSITORY_KEY_CHARS} characters of "
+                "A-Z a-z 0-9 _ . ~ + / - (kiln.server.generate_repository_key() makes one); got "
+                f"{len(repository_key)} characters"
+                + ("" if len(repository_key) < MIN_REPOSITORY_KEY_CHARS else " with others")
+            )
+        if not _HEADER_NAME.match(repository_key_header):
+            raise ValueError(
+                "repository_key_header must be lowercase letters, digits and '-' (at most 64), "
+                f"got {repository_key_header!r}"
+            )
         if model_control_mode not in MODEL_CONTROL_MODES:
             raise ValueError(
                 f"model_control_mode must be one of {', '.join(MODEL_CONTROL_MODES)}, "
@@ -480,6 +633,9 @@ class TritonServer:
         self.log_stream = log_stream
         self._requested = requested
         self._binary_arg = binary
+        self.repository_key = repository_key
+        self.repository_key_header = repository_key_header
+        self._backends: dict[int, BackendProcess] = {}
         self._backends_dir = Path(backends_dir) if backends_dir is not None else None
         self._log_path: Path | None = Path(log_file) if log_file is not None else None
         self._ports: Ports | None = None
@@ -519,6 +675,23 @@ class TritonServer:
     def metrics_url(self) -> str:
         """Full URL of the Prometheus metrics page (`http://host:port/metrics`)."""
         return f"http://{_url_host(_client_host(self.host))}:{self.ports.metrics}{METRICS_PATH}"
+
+    def repository_headers(self, protocol: str = "http") -> dict[str, str]:
+        """The headers a client sends to use the model-repository API ({} when it is open).
+
+        Args:
+            protocol: "http" (the header as named) or "grpc" (Triton 2.51 reads a restricted
+                gRPC protocol's key from the metadata key `triton-grpc-protocol-<header>`).
+
+        Example:
+            >>> client.load_model("fraud", headers=server.repository_headers("grpc"))
+        """
+        if protocol not in ("http", "grpc"):
+            raise ValueError(f"protocol must be 'http' or 'grpc', got {protocol!r}")
+        if self.repository_key is None:
+            return {}
+        prefix = GRPC_RESTRICTED_HEADER_PREFIX if protocol == "grpc" else ""
+        return {prefix + self.repository_key_header: self.repository_key}
 
     @property
     def pid(self) -> int | None:
@@ -596,6 +769,7 @@ class TritonServer:
             try:
                 self._launch(binary, triton_root, ports)
                 self._wait_until_ready()
+                self.backend_processes()  # remember which stub serves which model
                 return self
             except PortInUseError as error:
                 self._cleanup()
@@ -682,8 +856,130 @@ class TritonServer:
 
         A model the index lists without a state (never loaded, explicit mode) is "UNLOADED".
         """
-        index = self._http_json("POST", REPOSITORY_INDEX_PATH, b"{}")
+        index = self._repository_call("POST", REPOSITORY_INDEX_PATH, b"{}", HTTP_PROBE_TIMEOUT_S)
         return {entry["name"]: entry.get("state") or UNLOADED_STATE for entry in index}
+
+    # --- the model-repository API (explicit model-control mode) ---
+
+    def load_model(
+        self, model: str, *, config: Mapping[str, Any] | None = None,
+        timeout: float = REPOSITORY_CALL_TIMEOUT_S,
+    ) -> None:
+        """Loads `model`, or loads it again: new version folders are picked up (per its version
+        policy) and Triton switches to them once they are ready, with no request failing.
+
+        A load of a model whose files did not change does nothing; pass `config` (a model config
+        as JSON, e.g. its current one) to force new instances (see `reload_model`).
+
+        Raises:
+            RepositoryApiError: Triton refused or the load failed (Triton's message; 403 when
+                the repository key is wrong, 503 outside explicit model-control mode).
+        """
+        body = {"parameters": {"config": json.dumps(config)}} if config is not None else {}
+        self._repository_call("POST", self._model_path(model, "load"), json.dumps(body).encode(), timeout)
+
+    def unload_model(
+        self, model: str, *, unload_dependents: bool = False, timeout: float = REPOSITORY_CALL_TIMEOUT_S
+    ) -> None:
+        """Unloads `model`. Triton stops routing new requests to it at once, lets the requests it
+        already holds finish, then stops its instances; the call returns before that completes.
+
+        Raises:
+            RepositoryApiError: see `load_model`.
+        """
+        body = {"parameters": {"unload_dependents": unload_dependents}}
+        self._repository_call(
+            "POST", self._model_path(model, "unload"), json.dumps(body).encode(), timeout
+        )
+
+    def reload_model(self, model: str, *, timeout: float = REPOSITORY_CALL_TIMEOUT_S) -> None:
+        """Replaces `model`'s instances (and stub processes) with new ones while it serves.
+
+        Loads the model with its current config as an override, which Triton treats as a new
+        model: the new instances start, then take over; ensembles using it stay READY. This is
+        how a model whose stub process died is brought back (explicit model-control mode).
+
+        Raises:
+            RepositoryApiError: see `load_model`.
+        """
+        config = self._repository_call(
+            "GET", MODEL_CONFIG_PATH.format(model=self._quoted(model)), None, HTTP_PROBE_TIMEOUT_S
+        )
+        self.load_model(model, config=config, timeout=timeout)
+
+    # --- the python backend's stub processes ---
+
+    def backend_processes(self) -> list[BackendProcess]:
+        """The python backend stub processes of this tritonserver, alive or dead (not reaped).
+
+        A stub that died shows as a zombie: Triton 2.51 does not reap it. Its model is known when
+        kiln saw it alive before (every call, and `start()`, remembers the stubs it sees).
+        """
+        if self._process is None or self._process.poll() is not None:
+            return []
+        found = []
+        for pid, state, returncode, argv in _proc_children(self._process.pid):
+            known = self._backends.get(pid)
+            if len(argv) > STUB_ARG_INSTANCE and Path(argv[0]).name == STUB_NAME:
+                model_file = Path(argv[STUB_ARG_MODEL_FILE])
+                known = BackendProcess(
+                    pid, model_file.parent.parent.name, model_file.parent.name,
+                    argv[STUB_ARG_INSTANCE], state, returncode,
+                )
+                self._backends[pid] = known
+            elif known is None:
+                if state != ZOMBIE:
+                    continue  # not a stub (nothing else is started by tritonserver here)
+                known = BackendProcess(pid, "?", "?", "?", state, returncode)
+            found.append(known._replace(state=state, returncode=returncode))
+        return sorted(found, key=lambda p: p.pid)
+
+    def crashed_backends(self) -> list[BackendProcess]:
+        """Stub processes that died on their own (killed, or exited non-zero) while tritonserver
+        runs. Triton reaps the stubs it stops itself (unload), so those are not listed."""
+        return [p for p in self.backend_processes() if not p.alive and p.returncode != 0]
+
+    @staticmethod
+    def _quoted(model: str) -> str:
+        if not isinstance(model, str) or not _MODEL_NAME.match(model):
+            raise ValueError(f"{model!r} is not a model name (one path segment, {_MODEL_NAME.pattern})")
+        return urllib.parse.quote(model, safe="")
+
+    def _model_path(self, model: str, action: str) -> str:
+        return REPOSITORY_MODEL_PATH.format(model=self._quoted(model), action=action)
+
+    def _repository_call(self, method: str, path: str, body: bytes | None, timeout: float) -> Any:
+        """A repository-API (or config) call with the key's header; Triton's error as the message."""
+        request = urllib.request.Request(
+            self._http_url(path), data=body, method=method, headers=self.repository_headers("http")
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=timeout) as response:
+                text = response.read().decode("utf-8")
+        except urllib.error.HTTPError as error:
+            try:
+                detail = json.loads(error.read().decode("utf-8")).get("error") or error.reason
+            except (ValueError, AttributeError, OSError):
+                detail = error.reason
+            raise RepositoryApiError(
+                f"tritonserver at {self.http_url} refused {method} {path} (HTTP {error.code}): {detail}",
+                error.code,
+                log_path=self._log_path,
+            ) from None
+        except (urllib.error.URLError, OSError) as error:
+            raise RepositoryApiError(
+                f"tritonserver at {self.http_url} did not answer {method} {path}: {error}",
+                None,
+                log_path=self._log_path,
+            ) from error
+        try:
+            return json.loads(text) if text.strip() else None
+        except ValueError as error:
+            raise RepositoryApiError(
+                f"tritonserver at {self.http_url} answered {method} {path} with no JSON: {error}",
+                None,
+                log_path=self._log_path,
+            ) from error
 
     def _http_url(self, path: str) -> str:
         return f"http://{self.http_url}{path}"
@@ -746,6 +1042,12 @@ class TritonServer:
             f"--log-verbose={self.log_verbose}",
         ]
         command += [f"--load-model={name}" for name in self.load_models]
+        if self.repository_key is not None:
+            restriction = f"{REPOSITORY_API}:{self.repository_key_header}={self.repository_key}"
+            command += [
+                f"--http-restricted-api={restriction}",
+                f"--grpc-restricted-protocol={restriction}",
+            ]
         command += self.extra_args
         return command
 
@@ -807,6 +1109,7 @@ class TritonServer:
         self._process = None
         self._ports = None
         self._cleaned = False
+        self._backends.clear()
         with self._lock:
             self._lines.clear()
             self._model_errors.clear()

@@ -5,14 +5,22 @@ The dispatcher (`kiln.cli`) calls `add_serve_command(subparsers)`; the command b
 dispatcher's `--demo` runs a prediction there). kiln's own lines go to stdout, Triton's log to
 stderr (unless --quiet) and always to a log file; errors are one or two lines on stderr, no
 traceback, and a non-zero exit code.
+
+While serving, `serve()` also watches the python backend's stub processes: Triton 2.51 neither
+restarts a stub that died (killed by the OOM killer, say) nor stops reporting its model READY, so
+every request to that model would fail until a restart. kiln reloads the model in place
+(explicit model-control mode), or reports the crash and exits 1 so a supervisor restarts it
+(`--on-backend-crash`; see docs/operations.md).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -25,10 +33,13 @@ from kiln.server import (
     DEFAULT_HOST,
     DEFAULT_HTTP_PORT,
     DEFAULT_METRICS_PORT,
+    DEFAULT_REPOSITORY_KEY_HEADER,
     DEFAULT_STARTUP_TIMEOUT_S,
     FREE_PORT,
     MODEL_CONTROL_MODES,
     TRITON_EXIT_TIMEOUT_S,
+    BackendCrashedError,
+    BackendProcess,
     ServerError,
     TritonServer,
     describe_returncode,
@@ -39,6 +50,12 @@ EXIT_OK = 0
 EXIT_ERROR = 1
 SERVE_POLL_S = 0.5
 """How often `serve()` checks that tritonserver is still alive while serving."""
+
+ON_BACKEND_CRASH = ("reload", "exit")
+"""What `kiln serve` does when a backend stub dies: reload its model in place, or exit 1."""
+RELOAD = "reload"
+EXIT = "exit"
+DEFAULT_REPOSITORY_KEY_ENV = "KILN_REPOSITORY_KEY"
 
 OnReady = Callable[[TritonServer], None]
 
@@ -110,6 +127,23 @@ def add_serve_command(subparsers: argparse._SubParsersAction) -> argparse.Argume
         help="do not stream Triton's log to stderr (it is still saved to the log file)",
     )
     parser.add_argument(
+        "--on-backend-crash", choices=ON_BACKEND_CRASH, default=None,
+        help="when a backend's stub process dies (Triton 2.51 keeps its model READY but fails "
+        "every request): reload the model in place (needs --model-control-mode explicit) or "
+        "stop and exit 1 for a supervisor to restart (default: reload in explicit mode, else exit)",
+    )
+    parser.add_argument(
+        "--repository-key-env", default=None, metavar="VAR",
+        help="restrict the model-repository API (load, unload, index) to clients sending the key "
+        f"held in environment variable VAR (e.g. {DEFAULT_REPOSITORY_KEY_ENV}; at least 16 "
+        "characters) in the header --repository-key-header",
+    )
+    parser.add_argument(
+        "--repository-key-header", default=DEFAULT_REPOSITORY_KEY_HEADER, metavar="NAME",
+        help="header carrying the repository key; gRPC clients send it as "
+        "triton-grpc-protocol-NAME (default: %(default)s)",
+    )
+    parser.add_argument(
         "--triton-arg", action="append", default=[], metavar="ARG",
         help="pass an argument through to tritonserver, e.g. --triton-arg=--log-info=false",
     )
@@ -125,6 +159,13 @@ def server_from_args(args: argparse.Namespace) -> TritonServer:
             return value
         return FREE_PORT if args.free_ports else default
 
+    key = None
+    if args.repository_key_env is not None:
+        key = os.environ.get(args.repository_key_env)
+        if not key:
+            raise ValueError(
+                f"--repository-key-env names {args.repository_key_env}, which is not set or empty"
+            )
     return TritonServer(
         args.repository,
         host=args.host,
@@ -139,17 +180,36 @@ def server_from_args(args: argparse.Namespace) -> TritonServer:
         log_verbose=args.log_verbose,
         log_file=args.log_file,
         log_stream=None if args.quiet else sys.stderr,
+        repository_key=key,
+        repository_key_header=args.repository_key_header,
     )
+
+
+def crash_policy(server: TritonServer, requested: str | None) -> str:
+    """The `--on-backend-crash` policy for `server`: reload needs explicit model-control mode.
+
+    Raises:
+        ValueError: reload was asked for outside explicit mode (Triton refuses loads there).
+    """
+    if requested is None:
+        return RELOAD if server.model_control_mode == "explicit" else EXIT
+    if requested == RELOAD and server.model_control_mode != "explicit":
+        raise ValueError(
+            "--on-backend-crash reload needs --model-control-mode explicit (Triton refuses to "
+            f"load models in mode {server.model_control_mode!r})"
+        )
+    return requested
 
 
 def run_serve(args: argparse.Namespace, on_ready: OnReady | None = None) -> int:
     """The `serve` command: builds the server from `args` and runs `serve()`."""
     try:
         server = server_from_args(args)
+        policy = crash_policy(server, getattr(args, "on_backend_crash", None))
     except ValueError as error:  # inconsistent flags, e.g. two endpoints on one port
         print(f"{PROG}: error: {error}", file=sys.stderr)
         return EXIT_ERROR
-    return serve(server, on_ready=on_ready)
+    return serve(server, on_ready=on_ready, on_backend_crash=policy)
 
 
 def serve(
@@ -158,10 +218,12 @@ def serve(
     on_ready: OnReady | None = None,
     out: TextIO | None = None,
     err: TextIO | None = None,
+    on_backend_crash: str | None = None,
 ) -> int:
     """Starts `server`, prints its endpoints, runs `on_ready`, serves until Ctrl-C or SIGTERM.
 
-    Notices within SERVE_POLL_S when tritonserver dies and reports it. Every path stops the
+    Notices within SERVE_POLL_S when tritonserver dies and reports it, and when a backend stub
+    process dies: then reloads its model or stops (see `on_backend_crash`). Every path stops the
     server and leaves no tritonserver or stub process behind.
 
     Args:
@@ -169,12 +231,20 @@ def serve(
         on_ready: Called with the running server once it is ready (e.g. a demo prediction).
         out: Where kiln's own lines go (default stdout).
         err: Where errors go (default stderr).
+        on_backend_crash: "reload" (explicit model-control mode only) or "exit"; default:
+            reload in explicit mode, exit otherwise.
 
     Returns:
-        0 after a requested stop (Ctrl-C, SIGTERM), 1 when the server failed to start or died.
+        0 after a requested stop (Ctrl-C, SIGTERM), 1 when the server failed to start or died,
+        or a backend stub died with the "exit" policy or could not be reloaded.
     """
     out = out or sys.stdout
     err = err or sys.stderr
+    try:
+        policy = crash_policy(server, on_backend_crash)
+    except ValueError as error:
+        print(f"{PROG}: error: {error}", file=err, flush=True)
+        return EXIT_ERROR
     with _stop_signals_as_interrupt():
         try:
             try:
@@ -182,8 +252,9 @@ def serve(
                 _print_ready(server, out)
                 if on_ready is not None:
                     on_ready(server)
+                watchdog = _BackendWatchdog(server, policy, out, err)
                 while server.wait(timeout=SERVE_POLL_S) is None:
-                    pass
+                    watchdog.check()
                 server.check_running()  # it exited unasked: raises ServerExitedError
                 return EXIT_ERROR
             except KeyboardInterrupt:
@@ -196,6 +267,64 @@ def serve(
                 server.stop()
             except KeyboardInterrupt:  # a Ctrl-C during this last stop: the group is killed
                 pass
+
+
+class _BackendWatchdog:
+    """Notices stub processes that died while tritonserver runs, reports each once, and reloads
+    their models ("reload") or raises BackendCrashedError ("exit")."""
+
+    def __init__(self, server: TritonServer, policy: str, out: TextIO, err: TextIO) -> None:
+        self.server = server
+        self.policy = policy
+        self.out = out
+        self.err = err
+        self._seen: set[int] = set()
+
+    def check(self) -> None:
+        """One look at the stubs (cheap: a scan of /proc)."""
+        dead = [p for p in self.server.crashed_backends() if p.pid not in self._seen]
+        if not dead:
+            return
+        self._seen.update(p.pid for p in dead)
+        for process in dead:
+            print(
+                f"{PROG}: a backend stub died: {process.describe()}; Triton does not restart it "
+                "and keeps reporting the model READY while every request to it fails",
+                file=self.err, flush=True,
+            )
+        if self.policy == EXIT:
+            raise BackendCrashedError(
+                f"backend stub process(es) died: {_listing(dead)}; stopping so that a supervisor "
+                "restarts kiln serve (with --model-control-mode explicit, kiln reloads such a "
+                "model in place instead)",
+                dead,
+                log_path=self.server.log_path,
+            )
+        for model in dict.fromkeys(p.model for p in dead):
+            self._reload(model, dead)
+
+    def _reload(self, model: str, dead: list[BackendProcess]) -> None:
+        if model == "?":
+            raise BackendCrashedError(
+                f"a backend stub process died before kiln could tell its model ({_listing(dead)}); "
+                "stopping so that a supervisor restarts kiln serve",
+                dead,
+                log_path=self.server.log_path,
+            )
+        started = time.monotonic()
+        try:
+            self.server.reload_model(model)
+        except ServerError as error:
+            raise BackendCrashedError(
+                f"could not reload model '{model}' after its backend stub died: {error}",
+                dead,
+                log_path=self.server.log_path,
+            ) from error
+        _say(self.out, f"{PROG}: reloaded model '{model}' in {time.monotonic() - started:.1f} s")
+
+
+def _listing(processes: list[BackendProcess]) -> str:
+    return "; ".join(p.describe() for p in processes)
 
 
 def _stop_on_request(server: TritonServer, out: TextIO) -> int:
@@ -232,8 +361,13 @@ def _print_ready(server: TritonServer, out: TextIO) -> None:
         f"  metrics  {server.metrics_url}",
         f"  models   {listing or '(none)'}",
         f"  log      {server.log_path}",
-        f"{PROG}: press Ctrl-C to stop",
     ]
+    if server.repository_key is not None:
+        lines.append(
+            f"  repository API  restricted: send the key in header '{server.repository_key_header}' "
+            f"(gRPC: 'triton-grpc-protocol-{server.repository_key_header}')"
+        )
+    lines.append(f"{PROG}: press Ctrl-C to stop")
     _say(out, "\n".join(lines))
 
 
