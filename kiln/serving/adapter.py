@@ -101,6 +101,8 @@ class LoadContext:
         nothing outside the repository can be reached."""
         if not _MODEL_NAME.match(model) or model in (".", ".."):
             raise ValueError(f"model '{self.model_name}': {model!r} is not a model name")
+        if not _MODEL_NAME.match(name):
+            raise ValueError(f"model '{self.model_name}': {name!r} is not a file name (one path segment)")
         folder = self.repository / model
         versions = sorted(
             (int(p.name) for p in folder.iterdir() if p.is_dir() and _VERSION.match(p.name))

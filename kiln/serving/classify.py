@@ -26,7 +26,9 @@ from kiln.serving.params import Param, parse_params
 
 CLASSIFY_PARAMS: tuple[Param, ...] = (
     Param("top_k", "int", 5, "classes returned per item, most likely first", minimum=1),
-    Param("labels_file", "str", "labels.txt", "file in the model folder: one label per line, in class order"),
+    Param(
+        "labels_file", "name", "labels.txt", "file in the model folder: one label per line, in class order"
+    ),
     Param(
         "apply_softmax", "bool", True,
         "scores are softmax probabilities; false returns the raw inputs (already probabilities)",

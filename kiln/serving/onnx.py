@@ -26,7 +26,7 @@ KNOWN_PROVIDERS = (
 )
 
 ONNX_PARAMS: tuple[Param, ...] = (
-    Param("model_filename", "str", "model.onnx", "ONNX file inside the model's version folder"),
+    Param("model_filename", "name", "model.onnx", "ONNX file inside the model's version folder"),
     Param(
         "intra_op_threads", "int", 0,
         "ONNX Runtime threads inside one operator; 0 lets ONNX Runtime choose", minimum=0,

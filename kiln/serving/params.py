@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -55,6 +56,17 @@ def _parse_str(text: str, _: float | None) -> str:
     return text.strip()
 
 
+_SEGMENT = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
+"""One path segment: a file or model name that cannot name a parent folder or another path."""
+
+
+def _parse_name(text: str, _: float | None) -> str:
+    value = text.strip()
+    if not _SEGMENT.match(value):
+        raise ValueError
+    return value
+
+
 def _parse_list(text: str, _: float | None) -> tuple[str, ...]:
     items = tuple(item.strip() for item in text.split(",") if item.strip())
     if not items:
@@ -68,6 +80,8 @@ _PARSERS: dict[str, tuple[Callable[[str, float | None], Any], str]] = {
     "floats": (_parse_floats, "a comma-separated list of finite numbers"),
     "bool": (_parse_bool, "true or false"),
     "str": (_parse_str, "a string"),
+    "name": (_parse_name, "one path segment (a file or model name: letters, digits, '_', '.', '-'; "
+             "not starting with '.')"),
     "list": (_parse_list, "a comma-separated list"),
 }
 
@@ -78,7 +92,9 @@ class Param:
 
     Attributes:
         name: The key in `config.pbtxt` `parameters` (and the dataclass field it fills).
-        kind: "int", "float", "bool", "str", "list" (comma-separated, parsed to a tuple of str) or
+        kind: "int", "float", "bool", "str", "name" (one path segment: a file or model name, so a
+            parameter can never point outside the folder it is read from), "list" (comma-separated,
+            parsed to a tuple of str) or
             "floats" (comma-separated, parsed to a tuple of float).
         default: Value used when the key is absent.
         help: One line for docs and error messages.

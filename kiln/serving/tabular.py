@@ -45,12 +45,12 @@ DEFAULT_MAX_RECORD_BYTES = 65_536
 
 TABULAR_PARAMS: tuple[Param, ...] = (
     Param(
-        "stats_model", "str", "",
+        "stats_model", "name", "",
         "repository model whose newest version folder holds the build's statistics file "
         "(required, e.g. fraud)",
     ),
     Param(
-        "stats_file", "str", "features.json",
+        "stats_file", "name", "features.json",
         "the statistics file the build published there: feature names, mean and std",
     ),
     Param(

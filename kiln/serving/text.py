@@ -38,10 +38,10 @@ MIN_MAX_LENGTH = 3
 
 TEXT_PARAMS: tuple[Param, ...] = (
     Param(
-        "tokenizer_model", "str", "text_encoder",
+        "tokenizer_model", "name", "text_encoder",
         "repository model whose newest version folder holds the tokenizer file the build published",
     ),
-    Param("tokenizer_file", "str", "tokenizer.json", "the HF tokenizers file in that folder"),
+    Param("tokenizer_file", "name", "tokenizer.json", "the HF tokenizers file in that folder"),
     Param(
         "max_length", "int", 128,
         "longest token sequence, [CLS] and [SEP] included (the encoder's position embeddings)",

@@ -54,3 +54,9 @@ def test_failure_reason_labels() -> None:
     assert failure_reason(DecodeError("bad")) == "decode"
     assert failure_reason(RequestError("bad")) == "invalid_input"
     assert failure_reason(RuntimeError("boom")) == "internal"
+
+
+@pytest.mark.parametrize("name", ["../tokenizer.json", "/etc/passwd", "a/b", ".."])
+def test_artifact_file_names_cannot_leave_the_model_folder(tmp_path: Path, name: str) -> None:
+    with pytest.raises(ValueError, match="is not a file name"):
+        context(tmp_path).artifact("text_encoder", name)
