@@ -24,6 +24,7 @@ from kiln.clients.errors import (
     KilnError,
     ModelNotFoundError,
     ModelNotReadyError,
+    PermissionDeniedError,
     ServerError,
     ServerUnavailableError,
 )
@@ -62,6 +63,7 @@ __all__ = [
     "ModelInfo",
     "ModelNotFoundError",
     "ModelNotReadyError",
+    "PermissionDeniedError",
     "RetryPolicy",
     "ServerError",
     "ServerUnavailableError",

@@ -12,6 +12,9 @@ Every error a client raises is a `KilnError`; the subclass says what went wrong 
   gRPC UNAVAILABLE). Retried.
 - `DeadlineExceededError`: the call took longer than its timeout. Not retried (the server may
   still be working on it).
+- `PermissionDeniedError`: the server restricts this API (e.g. model load/unload without the
+  repository key: HTTP 403; over gRPC Triton answers UNAVAILABLE with "This protocol is
+  restricted"). Not retried.
 - `ServerError`: anything else the server reports (HTTP 500, gRPC INTERNAL, ...). Not retried.
 
 Each carries the server's own message (`server_message`), the raw transport status (`status`, e.g.
@@ -152,6 +155,14 @@ class ServerError(KilnError):
     """Any other failure the server reports (e.g. an exception inside a model)."""
 
 
+class PermissionDeniedError(KilnError, PermissionError):
+    """The server restricts this API and the call lacks the key (`kiln serve --repository-key-env`)."""
+
+
+_RESTRICTED_MARKERS = ("api is restricted", "protocol is restricted")
+_FORBIDDEN_STATUSES = frozenset({"403", "StatusCode.PERMISSION_DENIED"})
+
+
 RETRYABLE: tuple[type[KilnError], ...] = (ServerUnavailableError, ModelNotReadyError)
 """Errors a retry can fix: the server or model comes back. Everything else fails the same way
 again (bad input, unknown model) or may have done the work already (a timeout)."""
@@ -169,6 +180,8 @@ def _copy_error(error: KilnError, message: str) -> KilnError:
 def classify_status(status: str | None, message: str) -> type[KilnError]:
     """The KilnError subclass for a server error with this status and message."""
     lowered = message.lower()
+    if status in _FORBIDDEN_STATUSES or any(marker in lowered for marker in _RESTRICTED_MARKERS):
+        return PermissionDeniedError  # before UNAVAILABLE: gRPC reports a restriction that way
     if any(marker in lowered for marker in _SHM_MARKERS) and status not in _UNAVAILABLE_STATUSES:
         return ServerError
     if status in _NOT_FOUND_STATUSES:

@@ -32,7 +32,7 @@ from kiln.clients import (
 )
 from kiln.clients import client as client_module
 from kiln.clients.client import Part, chunk_ranges, parse_url, prepare_inputs, raise_first_failure
-from kiln.clients.errors import classify_status, translate
+from kiln.clients.errors import PermissionDeniedError, classify_status, translate
 from kiln.clients.images import encode_png, image_bytes
 from kiln.clients.models import ModelInfo, normalize_config, validate_inputs
 from kiln.clients.results import InferResult
@@ -221,6 +221,10 @@ def test_grpc_config_json_normalizes_to_the_http_form() -> None:
         ("StatusCode.INTERNAL", "boom", ServerError),
         ("404", "Unable to find shared memory region: 'kiln_client_1'", ServerError),
         (None, "something", ServerError),
+        ("403", "This API is restricted, expecting header 'kiln-repository-key'", PermissionDeniedError),
+        # gRPC reports a restricted protocol as UNAVAILABLE: it must not be retried as an outage.
+        ("StatusCode.UNAVAILABLE", "This protocol is restricted, expecting header 'kiln-repository-key'",
+         PermissionDeniedError),
     ],
 )
 def test_status_classification(status: str | None, message: str, expected: type) -> None:
