@@ -7,7 +7,7 @@ PYTEST_ARGS ?=
 LOADTEST_ARGS ?=
 BENCH_ARGS ?=
 
-.PHONY: setup generate check-generated build-engines serve test test-unit test-integration loadtest bench lint clean
+.PHONY: setup generate check-generated build-engines serve test test-unit test-integration loadtest bench soak lint clean
 
 setup:  ## create .venv and install kiln with every extra, Debian packages included
 	@scripts/setup.sh
@@ -38,6 +38,9 @@ loadtest: build-engines  ## load-test suites (steady, step, spike) against a ser
 
 bench: build-engines  ## kiln vs the in-process pipeline and FastAPI + PyTorch, side by side; results/bench-<UTC>-<commit>/
 	$(PY) -m benchmarks.run $(BENCH_ARGS)
+
+soak: build-engines  ## the 10-minute soak at 70% of measured capacity (CI runs a 25 s form in make test)
+	KILN_SOAK_SECONDS=600 $(PY) -m pytest -s -m soak tests/integration/test_reliability_soak.py
 
 lint: setup
 	$(VENV)/bin/ruff check kiln build backends clients tests loadtests benchmarks
