@@ -80,6 +80,34 @@ def encode_images(images: Iterable[ImageInput]) -> tuple[list[bytes | None], dic
     return encoded, errors
 
 
+def _image_request(
+    images: Iterable[ImageInput], return_exceptions: bool
+) -> tuple[list[Any], list[int], dict[str, np.ndarray] | None]:
+    """What a classify_batch call sends: the result list (undecodable images already holding
+    their InvalidInputError), the positions of the images sent, and the IMAGE column (None when
+    no image is left to send). Without return_exceptions the first bad image is raised."""
+    encoded, errors = encode_images(images)
+    if errors and not return_exceptions:
+        raise next(iter(errors.values()))
+    results: list[Any] = [None] * len(encoded)
+    for i, error in errors.items():
+        results[i] = error
+    positions = [i for i in range(len(encoded)) if i not in errors]
+    if not positions:
+        return results, positions, None
+    return results, positions, {tensors.IMAGE: _bytes_column([encoded[i] for i in positions])}
+
+
+def _collect_classifications(
+    parts: Sequence[Part], positions: Sequence[int], results: list[Any], return_exceptions: bool
+) -> None:
+    """Fills `results` at `positions` from the requests' parts (raising the first failure unless
+    return_exceptions)."""
+    if not return_exceptions:
+        raise_first_failure(parts, len(results))
+    collect(parts, positions, results, classification, len(results))
+
+
 def encode_texts(texts: Sequence[str]) -> np.ndarray:
     """The TEXT column (UTF-8 bytes); InvalidInputError naming an item that is not a str."""
     values = []
@@ -267,20 +295,10 @@ class ImageClassifier(_Task):
         Raises:
             KilnError: Without return_exceptions, the first failure, naming the image.
         """
-        encoded, errors = encode_images(images)
-        total = len(encoded)
-        if errors and not return_exceptions:
-            raise next(iter(errors.values()))
-        results: list[Any] = [None] * total
-        for i, error in errors.items():
-            results[i] = error
-        positions = [i for i in range(total) if i not in errors]
-        if positions:
-            arrays = {tensors.IMAGE: _bytes_column([encoded[i] for i in positions])}
+        results, positions, arrays = _image_request(images, return_exceptions)
+        if arrays is not None:
             parts = self._run(arrays, request_id, timeout)
-            if not return_exceptions:
-                raise_first_failure(parts, total)
-            collect(parts, positions, results, classification, total)
+            _collect_classifications(parts, positions, results, return_exceptions)
         return results
 
 
@@ -427,20 +445,10 @@ class AsyncImageClassifier(_AsyncTask):
         return_exceptions: bool = False,
     ) -> list[Any]:
         """Classifies many images; see `ImageClassifier.classify_batch`."""
-        encoded, errors = encode_images(images)
-        total = len(encoded)
-        if errors and not return_exceptions:
-            raise next(iter(errors.values()))
-        results: list[Any] = [None] * total
-        for i, error in errors.items():
-            results[i] = error
-        positions = [i for i in range(total) if i not in errors]
-        if positions:
-            arrays = {tensors.IMAGE: _bytes_column([encoded[i] for i in positions])}
+        results, positions, arrays = _image_request(images, return_exceptions)
+        if arrays is not None:
             parts = await self._run(arrays, request_id, timeout)
-            if not return_exceptions:
-                raise_first_failure(parts, total)
-            collect(parts, positions, results, classification, total)
+            _collect_classifications(parts, positions, results, return_exceptions)
         return results
 
 
