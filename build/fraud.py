@@ -25,8 +25,15 @@ training split; the output bias is then shifted back by log(weight), which undoe
 that weighting causes, so the probabilities stay close to calibrated (ROC-AUC is unaffected: the
 shift is monotone). Training is deterministic for a seed on the CPU, as in `kiln.build.digits`.
 
+The decision threshold is derived here too, never written into the spec: `derived` scores the
+held-out split with the trained model and publishes `decision.json` (`choose_threshold`: the
+highest threshold on the source's `threshold_step` grid whose held-out recall is at least its
+`min_recall`), which kiln_threshold reads. Trained weights differ in the last digits between CPUs
+(oneDNN picks other kernels), so a threshold chosen once on one machine need not keep its recall on
+another; the rule does.
+
 The stage interface the pipeline uses (see `kiln.build.pipeline.SourceStage`): `train`,
-`save_checkpoint`, `held_out`, and the optional `extra_files`.
+`save_checkpoint`, `held_out`, and the optional `extra_files` and `derived`.
 """
 
 from __future__ import annotations
@@ -49,6 +56,7 @@ from torch import nn
 from kiln.build.check import HeldOut
 from kiln.build.publish import atomic_path, load_state_dict, save_state_dict
 from kiln.build.training import seeded
+from kiln.serving.threshold import DECISION_FILE, DecisionThreshold
 from kiln.spec import FraudMLPSource, ModelSpec
 
 METRIC = "ROC-AUC"
@@ -516,3 +524,162 @@ def held_out(source: FraudMLPSource) -> HeldOut:
         metric=METRIC,
         score=score,
     )
+
+
+@dataclass(frozen=True)
+class ThresholdChoice:
+    """The threshold `choose_threshold` picked, and how it decides the held-out split.
+
+    Attributes:
+        threshold: The chosen threshold (a multiple of `step`).
+        min_recall: The rule's recall floor.
+        step: The rule's grid.
+        items: Held-out transactions scored.
+        positives: Frauds among them.
+        flagged: Transactions decided fraud at `threshold`.
+        caught: Frauds decided fraud at `threshold`.
+        next_recall: Recall one grid step higher (below `min_recall`, or None at the top of the
+            grid): shows the choice is the highest that meets the rule.
+    """
+
+    threshold: float
+    min_recall: float
+    step: float
+    items: int
+    positives: int
+    flagged: int
+    caught: int
+    next_recall: float | None
+
+    @property
+    def recall(self) -> float:
+        """Share of held-out frauds flagged."""
+        return self.caught / self.positives
+
+    @property
+    def precision(self) -> float:
+        """Share of flagged held-out transactions that are fraud (1.0 when none is flagged)."""
+        return self.caught / self.flagged if self.flagged else 1.0
+
+    @property
+    def rule(self) -> str:
+        """The rule, in words."""
+        return (
+            f"the highest threshold on a {self.step:g} grid whose recall on the held-out split is "
+            f"at least {self.min_recall:g} (decision: probability >= threshold, compared in FP32)"
+        )
+
+    def document(self, scored_by: str) -> DecisionThreshold:
+        """The published decision document; `scored_by` names the model that scored the split."""
+        return DecisionThreshold(
+            threshold=self.threshold,
+            rule=self.rule,
+            evidence={
+                "min_recall": self.min_recall,
+                "step": self.step,
+                "scored_by": scored_by,
+                "held_out_items": self.items,
+                "frauds": self.positives,
+                "flagged": self.flagged,
+                "caught": self.caught,
+                "recall": round(self.recall, 6),
+                "precision": round(self.precision, 6),
+                "recall_one_step_higher": (
+                    None if self.next_recall is None else round(self.next_recall, 6)
+                ),
+            },
+        )
+
+
+def threshold_grid(step: float) -> np.ndarray:
+    """The thresholds the rule considers: step, 2*step, ... up to 1 (float64, rounded to the
+    grid so that 0.21 is 0.21 and not 0.21000000000000002)."""
+    count = int(math.floor(1.0 / step + 1e-9))
+    decimals = max(0, -math.floor(math.log10(step))) + 2
+    return np.round(np.arange(1, count + 1) * step, decimals)
+
+
+def choose_threshold(
+    scores: np.ndarray, labels: np.ndarray, *, min_recall: float, step: float
+) -> ThresholdChoice:
+    """The highest threshold on the `step` grid whose recall on (`scores`, `labels`) is at least
+    `min_recall`, deciding `score >= threshold` in FP32 as kiln_threshold does.
+
+    Args:
+        scores: Fraud probabilities [N] (or [N, 1]).
+        labels: Labels [N], 1 = fraud.
+        min_recall: The recall floor, in (0, 1].
+        step: The grid, in (0, 1).
+
+    Raises:
+        ValueError: no fraud among the labels, the shapes differ, or no threshold on the grid
+            reaches `min_recall` (the message gives the best recall the grid offers).
+    """
+    flat = np.asarray(scores, dtype=np.float32).reshape(-1)
+    truth = np.asarray(labels).reshape(-1) == 1
+    if flat.shape != truth.shape:
+        raise ValueError(f"{flat.size} scores but {truth.size} labels")
+    positives = int(truth.sum())
+    if positives == 0:
+        raise ValueError("the held-out split has no fraud: no recall can be measured")
+    grid = threshold_grid(step)
+    fraud_scores = np.sort(flat[truth])
+    all_scores = np.sort(flat)
+    # >= in FP32: count the scores at or above each threshold, as float32(threshold).
+    cuts = grid.astype(np.float32)
+    caught = positives - np.searchsorted(fraud_scores, cuts, side="left")
+    recalls = caught / positives
+    meets = np.flatnonzero(recalls >= min_recall)
+    if meets.size == 0:
+        raise ValueError(
+            f"no threshold on the {step:g} grid reaches held-out recall {min_recall:g}: the "
+            f"lowest, {grid[0]:g}, catches {int(caught[0])} of {positives} frauds "
+            f"(recall {recalls[0]:.4f}); lower min_recall or threshold_step"
+        )
+    k = int(meets[-1])  # recall falls as the threshold rises: the last that meets the floor
+    flagged = int(all_scores.size - np.searchsorted(all_scores, cuts[k], side="left"))
+    return ThresholdChoice(
+        threshold=float(grid[k]),
+        min_recall=min_recall,
+        step=step,
+        items=int(flat.size),
+        positives=positives,
+        flagged=flagged,
+        caught=int(caught[k]),
+        next_recall=float(recalls[k + 1]) if k + 1 < grid.size else None,
+    )
+
+
+SCORED_BY = "the trained FP32 PyTorch model"
+
+
+def derived(
+    source: FraudMLPSource, model: nn.Module | None, workdir: Path
+) -> dict[str, tuple[Path, dict[str, Any]]]:
+    """Values the build derives from the trained model and publishes: `decision.json`, the
+    decision threshold chosen by the source's rule on the held-out split (`choose_threshold`).
+
+    Args:
+        source: The data set's settings and the rule (`min_recall`, `threshold_step`).
+        model: The trained model.
+        workdir: Where to write the file.
+
+    Returns:
+        File name in the served version folder -> (the written file, its document for the
+        manifest).
+
+    Raises:
+        ValueError: no model was trained, or the rule cannot be met (see `choose_threshold`).
+    """
+    if model is None:
+        raise ValueError("the decision threshold is chosen from the trained model's scores")
+    split = load_split(source)
+    choice = choose_threshold(
+        predict_proba(model, split.x_test), split.y_test,
+        min_recall=source.min_recall, step=source.threshold_step,
+    )
+    document = choice.document(SCORED_BY).to_json()
+    path = Path(workdir) / DECISION_FILE
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(document, indent=2) + "\n")
+    return {DECISION_FILE: (path, document)}

@@ -167,6 +167,13 @@ class SourceStage(Protocol):
       model's artifacts folder. Called once per build, after the check; each file's sha256 is
       recorded per served variant in the manifest, and a changed or missing published file
       rebuilds the model.
+    - `derived(source, model, workdir: Path) -> dict[str, tuple[Path, dict]]`: values chosen
+      from the trained model's held-out outputs (e.g. `kiln.build.fraud`'s decision threshold),
+      which depend on the trained weights and so on the CPU that trained them: never written into
+      a spec. Each is a JSON document written into `workdir` and published like an extra file;
+      the document (the value, the `rule` that chose it, the `evidence`) is also recorded under
+      the manifest's `derived`. A ValueError (the rule cannot be met) fails the build in stage
+      "derive".
     - `int8_settings(source) -> kiln.build.quantize.Int8Settings`: calibration and quantization
       settings for the INT8 variant (e.g. `exclude_op_types=("Softmax",)` to keep ops in FP32);
       `kiln.build.quantize.INT8_DEFAULTS` when absent.
@@ -761,27 +768,7 @@ def _build_model(
         )
     ]
 
-    extra: dict[str, Path] = {}
-    if hasattr(stage, "extra_files"):
-        workdir = publish.model_artifacts(name, artifacts)
-        extra = dict(
-            _call(stage.extra_files, build_spec.source, reference.model, workdir, spec=spec)  # type: ignore[attr-defined]
-        )
-        for file_name, path in extra.items():
-            try:
-                publish.check_extra_name(name, file_name)
-            except ValueError as error:
-                raise BuildError(name, "files", f"extra_files: {error}") from None
-            if not Path(path).is_file():
-                raise BuildError(
-                    name, "files", f"extra_files names {file_name!r} -> {path}, which does not exist"
-                )
-        if extra:
-            log.say(
-                f"{tag} files: "
-                + ", ".join(f"{n} ({_size(Path(p).stat().st_size)})" for n, p in extra.items())
-                + " (published beside each served variant)"
-            )
+    extra, derived = _source_files(stage, spec, reference, artifacts, log)
 
     for index, variant in enumerate(build_spec.variants[1:], start=1):
         built.append(
@@ -818,6 +805,8 @@ def _build_model(
     # The manifest goes last: until it is written, `freshness` sees the previous build's (whose
     # recorded sha256 no longer match what was just copied), so an interrupted publish rebuilds.
     document = publish.manifest_document(spec, inputs=inputs, variants=entries, timings_s=log.timings)
+    if derived:
+        document["derived"] = derived
     if engines:
         document["tensorrt"] = [publish.plain_data(record) for record in engines]
     served_names = [e["served_as"] for e in entries.values() if e["served_as"]]
@@ -856,6 +845,79 @@ def _build_model(
         )
         for item in built
     ]
+
+
+def _source_files(
+    stage: SourceStage, spec: ModelSpec, reference: _Reference, artifacts: Path, log: _Log
+) -> tuple[dict[str, Path], dict[str, dict[str, Any]]]:
+    """The files the source stage publishes beside every served variant.
+
+    `extra_files` (a tokenizer, feature statistics) and `derived` (values chosen from the trained
+    model's held-out outputs, such as a decision threshold: each also recorded, with the rule that
+    chose it, under the manifest's `derived`). See `SourceStage`.
+
+    Returns:
+        (file name -> path of every file to publish, file name -> manifest record of the derived).
+
+    Raises:
+        BuildError: a file name is not allowed, a file is missing, a name is given twice, or the
+            stage cannot derive its values (stage "derive").
+    """
+    from kiln.build import publish
+
+    name, source, tag = spec.name, spec.build.source, f"[{spec.name}]"
+    workdir = publish.model_artifacts(name, artifacts)
+    extra: dict[str, Path] = {}
+    if hasattr(stage, "extra_files"):
+        given = _call(stage.extra_files, source, reference.model, workdir, spec=spec)  # type: ignore[attr-defined]
+        for file_name, path in dict(given).items():
+            _check_source_file(name, "files", "extra_files", file_name, Path(path), extra)
+            extra[file_name] = Path(path)
+    derived: dict[str, dict[str, Any]] = {}
+    if hasattr(stage, "derived"):
+        try:
+            made = dict(_call(stage.derived, source, reference.model, workdir, spec=spec))  # type: ignore[attr-defined]
+        except ValueError as error:
+            raise BuildError(name, "derive", str(error)) from error
+        for file_name, (path, document) in made.items():
+            _check_source_file(name, "derive", "derived", file_name, Path(path), extra)
+            extra[file_name] = Path(path)
+            derived[file_name] = publish.plain_data(document)
+            log.say(f"{tag} derived: {file_name}: {_describe_derived(document)}")
+    if extra:
+        log.say(
+            f"{tag} files: "
+            + ", ".join(f"{n} ({_size(p.stat().st_size)})" for n, p in extra.items())
+            + " (published beside each served variant)"
+        )
+    return extra, derived
+
+
+def _check_source_file(
+    model: str, stage: str, hook: str, file_name: str, path: Path, taken: Collection[str]
+) -> None:
+    """Refuses a file a source hook names: a reserved or path-like name, one given twice, or a
+    file that does not exist."""
+    from kiln.build import publish
+
+    try:
+        publish.check_extra_name(model, file_name)
+    except ValueError as error:
+        raise BuildError(model, stage, f"{hook}: {error}") from None
+    if file_name in taken:
+        raise BuildError(model, stage, f"{hook} names {file_name!r}, which another hook names too")
+    if not path.is_file():
+        raise BuildError(model, stage, f"{hook} names {file_name!r} -> {path}, which does not exist")
+
+
+def _describe_derived(document: Mapping[str, Any]) -> str:
+    """One line for a derived value's log line: its value, the rule, the evidence."""
+    value = next((f"{k} {v}" for k, v in document.items() if k not in ("format", "rule", "evidence")), "")
+    evidence = document.get("evidence") or {}
+    shown = ", ".join(
+        f"{k} {v}" for k, v in evidence.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
+    )
+    return f"{value} ({document.get('rule', 'no rule given')}){'; ' + shown if shown else ''}"
 
 
 def _unpublish_dropped(

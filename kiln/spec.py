@@ -241,6 +241,12 @@ class FraudMLPSource:
         learning_rate: Adam's learning rate.
         test_fraction: Share held out for evaluation.
         calibration_size: Training transactions used to calibrate INT8.
+        min_recall: The decision rule: the build publishes the highest threshold on a
+            `threshold_step` grid whose recall on the held-out split is at least this
+            (`decision.json` beside the model, read by kiln_threshold). The value depends on the
+            trained weights, which differ in the last digits between CPUs, so it is derived by
+            every build, never written into the spec.
+        threshold_step: The grid of that rule.
     """
 
     seed: int = field(default=0, metadata=_range(0, 2**32 - 1))
@@ -253,6 +259,8 @@ class FraudMLPSource:
     learning_rate: float = field(default=1e-3, metadata=_range(1e-6, 1.0, integer=False))
     test_fraction: float = field(default=0.25, metadata=_range(0.05, 0.95, integer=False))
     calibration_size: int = field(default=1024, metadata=_range(1, 1_000_000))
+    min_recall: float = field(default=0.80, metadata=_range(0.01, 1.0, integer=False))
+    threshold_step: float = field(default=0.01, metadata=_range(0.0001, 0.5, integer=False))
 
 
 @dataclass(frozen=True)

@@ -11,8 +11,9 @@ server under test:
   the same top-1 class and at least k-1 of its top-k classes (the reference runs other batch sizes,
   whose rounding may swap two near-tied classes at the bottom of the top k);
 - `text_embedder`: finite, unit L2 norm; with a reference answer, cosine >= 0.999 to it;
-- `fraud_scorer`: score finite in [0, 1]; decision == (score >= the spec's threshold); with a
-  reference answer, the score within 1e-5 and the same decision;
+- `fraud_scorer`: score finite in [0, 1]; decision == (score >= the threshold: the spec's
+  kiln_threshold parameters, which name the decision document the build published into the local
+  model repository); with a reference answer, the score within 1e-5 and the same decision;
 - always: the same input gets the same answer every time, whichever dynamic batch it joined
   (top-k equal, cosine >= 0.9999, score within 1e-5): a batcher that mixed up requests fails here.
 
@@ -109,11 +110,14 @@ def _step_spec(ensemble: Any, backend: str) -> Any | None:
     return None
 
 
-def contract(model: str) -> Contract:
-    """The contract of served model `model`, read from the spec.
+def contract(model: str, repository: Any = None) -> Contract:
+    """The contract of served model `model`, read from the spec (and, for a threshold the build
+    derived, from the decision document it published into `repository`, by default
+    `kiln.paths.model_repository()`).
 
     Raises:
         KeyError: no spec declares `model`.
+        FileNotFoundError: the build has not published the decision document.
     """
     spec = served(model)
     outputs = tuple(OutputContract(t.name, t.dtype, tuple(t.dims)) for t in spec.outputs)
@@ -126,8 +130,23 @@ def contract(model: str) -> Contract:
         labels = tuple(text.removesuffix("\n").split("\n"))
     decide = _step_spec(spec, "kiln_threshold")
     if decide is not None:
-        threshold = float(dict(decide.parameters)["threshold"])
+        threshold = _threshold(decide, repository)
     return Contract(model, outputs, labels, threshold)
+
+
+def _threshold(spec: Any, repository: Any) -> float:
+    """The threshold a kiln_threshold spec serves: its literal one or the published one."""
+    from pathlib import Path
+
+    from kiln import paths
+    from kiln.serving.adapter import LoadContext
+    from kiln.serving.params import check_params
+    from kiln.serving.threshold import THRESHOLD_PARAMS, ThresholdParams, resolve_threshold
+
+    root = Path(repository) if repository is not None else paths.model_repository()
+    params = ThresholdParams(**check_params(spec.name, dict(spec.parameters), THRESHOLD_PARAMS))
+    where = LoadContext(spec.name, root / spec.name, root / spec.name / "1", {}, {})
+    return resolve_threshold(params, where.artifact)
 
 
 class Checker:

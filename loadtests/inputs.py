@@ -275,9 +275,11 @@ def build(model: str, reference: bool = True) -> Corpus:
 
 
 def _fraud_reference(corpus: Corpus, rows: list[dict[str, float]]) -> None:
-    from kiln.build.reference.fraud import TorchReference
+    from kiln.build.reference.fraud import TorchReference, published_threshold
 
-    reference = TorchReference.load()
+    # Decide at the threshold the server serves (the build's published one), so that the
+    # reference and the response contract agree by construction.
+    reference = TorchReference.load(threshold=published_threshold().threshold)
     names = reference.stats.names
     for item, record in zip(corpus.items, rows, strict=True):
         if tensors.FEATURE_VALUES in item.inputs:

@@ -5,8 +5,10 @@ Two in-process pipelines over the same records (JSON objects of named raw featur
 - `TorchReference`: the build's own code path. Records -> raw matrix -> `FeatureStats` (the
   training split's statistics, recomputed by `kiln.build.fraud.load_split`, not read from the
   served file) -> the trained PyTorch MLP (`artifacts/fraud/checkpoint.pt`) -> probability ->
-  decision `probability >= threshold` (compared in FP32, as served). Served scores must match it
-  to 1e-5 and decisions must be equal.
+  decision `probability >= threshold` (compared in FP32, as served), the threshold chosen anew by
+  the source's rule (`kiln.build.fraud.choose_threshold`) from this model's held-out scores, not
+  read from the published `decision.json`. Served scores must match it to 1e-5 and decisions must
+  be equal (except for a score within 1e-5 of the threshold).
 - `OrtPipeline`: the served steps without Triton: kiln_tabular's parser and standardization
   (`kiln.serving.tabular`, with the published `features.json`), the served ONNX model through
   kiln_onnx's loader (`model_repository/fraud/1/model.onnx`), kiln_threshold's decision; batched
@@ -14,7 +16,8 @@ Two in-process pipelines over the same records (JSON objects of named raw featur
 
 Plus the data every consumer shares: `records()` yields realistic transactions (the synthetic
 generator's held-out split) as dicts, `labels()` their labels, `threshold_report()` the
-precision/recall of a threshold on the held-out split (how the spec's threshold was chosen).
+precision/recall of a threshold on the held-out split (around the threshold the build chose),
+`published_threshold()` the decision document the build published.
 
 `python -m kiln.build.reference.fraud` prints that report for a grid of thresholds.
 """
@@ -138,27 +141,46 @@ class TorchReference:
     Attributes:
         stats: The build's `FeatureStats` (recomputed from the training split).
         model: The trained `FraudMLP`, in eval mode.
-        threshold: The decision threshold (the spec's by default).
+        threshold: The decision threshold (by default chosen by the source's rule, see `load`).
     """
 
-    def __init__(self, stats: Any, model: Any, threshold: float = fraud_pipelines.THRESHOLD) -> None:
+    def __init__(self, stats: Any, model: Any, threshold: float) -> None:
         self.stats = stats
         self.model = model
         self.threshold = threshold
 
     @classmethod
-    def load(
-        cls, artifacts: Path | None = None, threshold: float = fraud_pipelines.THRESHOLD
-    ) -> TorchReference:
+    def load(cls, artifacts: Path | None = None, threshold: float | None = None) -> TorchReference:
         """The trained checkpoint of the fraud spec (from `artifacts`, default
         `kiln.paths.artifacts_dir()`) and the statistics of its source's training split.
+
+        Args:
+            artifacts: The artifacts folder.
+            threshold: The decision threshold; None chooses it as the build does
+                (`kiln.build.fraud.choose_threshold` with the source's `min_recall` and
+                `threshold_step`) from this model's scores on the held-out split.
 
         Raises:
             FileNotFoundError: no checkpoint; run `kiln build` first.
         """
         from kiln.build.fraud import load_trained
 
-        return cls(_split(FRAUD.build.source).stats, load_trained(FRAUD, artifacts), threshold)
+        source = FRAUD.build.source
+        reference = cls(_split(source).stats, load_trained(FRAUD, artifacts), 0.0)
+        if threshold is None:
+            threshold = reference.choose_threshold().threshold
+        reference.threshold = threshold
+        return reference
+
+    def choose_threshold(self, source: FraudMLPSource = SOURCE) -> Any:  # -> ThresholdChoice
+        """The threshold the build's rule picks from this model's held-out scores."""
+        from kiln.build.fraud import choose_threshold
+
+        raw, y = _rows("test", source)
+        scores = self.probabilities(self.stats.standardize(raw))
+        return choose_threshold(
+            scores, y, min_recall=source.min_recall, step=source.threshold_step
+        )
 
     def features(self, items: Sequence[Mapping[str, float]]) -> np.ndarray:
         """Records -> the model's standardized FP32 input, by `FeatureStats.standardize`."""
@@ -375,16 +397,33 @@ def threshold_report(
     return reports
 
 
+def published_threshold(repository: Path | None = None) -> Any:  # -> DecisionThreshold
+    """The decision document the build published beside fraud (in `repository`, default the
+    model repository).
+
+    Raises:
+        FileNotFoundError: not published; run `kiln build`.
+        kiln.serving.threshold.ThresholdSourceError: the file is not a decision document.
+    """
+    from kiln.serving.threshold import DecisionThreshold
+
+    root = Path(repository) if repository is not None else paths.model_repository()
+    return DecisionThreshold.read(root / FRAUD.name / VERSION / fraud_pipelines.DECISION_FILE)
+
+
 def main() -> None:
-    """Prints the threshold report on both splits (the spec's threshold marked)."""
+    """Prints the threshold report on both splits, the published threshold marked."""
     reference = TorchReference.load()
-    chosen = fraud_pipelines.THRESHOLD
-    grid = sorted({*REPORT_GRID, chosen, round(chosen + 0.01, 2)})
+    published = published_threshold()
+    chosen = published.threshold
+    step = SOURCE.threshold_step
+    print(f"published threshold {chosen:g}: {published.rule}")
+    grid = sorted({*REPORT_GRID, chosen, round(chosen + step, 6), round(chosen - step, 6)})
     for split in SPLITS:
         print(f"{split} split, scored by {paths.artifacts_dir() / FRAUD.name} (PyTorch):")
         print(REPORT_HEADER)
         for report in threshold_report(grid, split=split, reference=reference):
-            mark = "  <- spec threshold" if report.threshold == chosen else ""
+            mark = "  <- published threshold" if report.threshold == chosen else ""
             print(report.line() + mark)
         print()
 
