@@ -244,7 +244,9 @@ def test_shared_memory_round_trip(server: TritonServer, protocol: str, pixels: n
         mine = segments() - before
         assert len(mine) == 2 and set(registered_regions(server)) >= mine
         plain = client.infer(DIGITS, {tensors.DIGITS_PIXELS: pixels[:2]}, shared_memory=False)
-        np.testing.assert_array_equal(plain[tensors.DIGITS_LOGITS], expected_digits[:2])
+        # A batch of 2 against the reference's batch of 64: ONNX Runtime may pick other kernels
+        # for another batch size on some CPUs, so equal to float32 rounding, not bit for bit.
+        np.testing.assert_allclose(plain[tensors.DIGITS_LOGITS], expected_digits[:2], rtol=1e-5, atol=1e-5)
     assert segments() == before, "close() must remove every segment"
     assert not set(registered_regions(server)) & mine, "close() must unregister every region"
 
@@ -259,8 +261,11 @@ def test_async_shared_memory_round_trip(server: TritonServer, pixels: np.ndarray
             results = await asyncio.gather(
                 *(client.infer(DIGITS, {tensors.DIGITS_PIXELS: pixels[i : i + 16]}) for i in range(0, 64, 16))
             )
-            np.testing.assert_array_equal(
-                np.concatenate([r[tensors.DIGITS_LOGITS] for r in results]), expected
+            # The dynamic batcher may merge these into batches of 16..64: equal to float32
+            # rounding to the one batch of 64 (bit-identical only where the kernels are).
+            np.testing.assert_allclose(
+                np.concatenate([r[tensors.DIGITS_LOGITS] for r in results]), expected,
+                rtol=1e-5, atol=1e-5,
             )
             assert 1 <= len(segments() - before) <= 4
 
