@@ -58,6 +58,11 @@ NEVER_RETRY = RetryPolicy.disabled()
 RIDE_OUT = RetryPolicy(max_attempts=1000, initial_backoff_s=0.05, max_backoff_s=0.25, deadline_s=60)
 """A policy that rides out a server restart (the README's example)."""
 WARM_S = 1.0
+WARM_REQUESTS = 20
+"""Answered requests that show the model serving (before the kill, after the reload)."""
+WARM_TIMEOUT_S = 30.0
+DEAD_WINDOW_REQUESTS = 2
+"""Requests sent after the stub was seen dead that must come back before the reload starts."""
 OBSERVE_S = 2.5
 """How long the load runs against a broken model or a dead server."""
 NOTICE_S = 5.0
@@ -145,6 +150,15 @@ def wait_for(condition, timeout: float, what: str):
     pytest.fail(f"{what} within {timeout} s")
 
 
+def warm_up(load: Load) -> None:
+    """Lets the load run WARM_S and waits until WARM_REQUESTS were answered (a stub killed in the
+    load's first moments made Triton 2.51 abort, SIGABRT, in 1 of 3 tries here; at steady load it
+    did not, in dozens)."""
+    time.sleep(WARM_S)
+    wait_for(lambda: sum(o.error is None for o in load.snapshot()) >= WARM_REQUESTS, WARM_TIMEOUT_S,
+             f"{WARM_REQUESTS} requests were not answered")
+
+
 def parent(pid: int) -> int:
     return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
 
@@ -161,39 +175,55 @@ def alive(pid: int) -> bool:
 
 
 def test_a_killed_stub_fails_its_model_until_reloaded(make_repository, add_one, tmp_path: Path) -> None:
+    """What holds whatever the timing: requests that were both sent after the stub was seen dead
+    and answered before the reload began failed, with the clear error; every request sent after
+    the reload returned succeeded. (A request still queued when the reload starts may go either
+    way: Triton may hand it to the new instance, so no test may demand that it fails.)"""
     with TritonServer(
         make_repository(), model_control_mode="explicit", load_models=[add_one.name],
         log_file=tmp_path / "tritonserver.log", exit_timeout=EXIT_TIMEOUT_S, **FREE_PORTS,
     ) as server, Load(urls(server), add_one, NEVER_RETRY) as load:
-        time.sleep(WARM_S)
+        warm_up(load)
         stub = stub_of(server, add_one.name)
         os.kill(stub.pid, signal.SIGKILL)
         killed = time.monotonic()
         (crashed,) = wait_for(server.crashed_backends, NOTICE_S, "the dead stub was not listed")
+        noticed = time.monotonic()
         assert crashed.pid == stub.pid and crashed.describe().endswith("killed by signal SIGKILL")
-        time.sleep(OBSERVE_S)
+        # Wait for an observable state, not for a time: requests sent after the stub was seen
+        # dead have come back (each takes Triton about 1 s to fail).
+        wait_for(
+            lambda: sum(o.sent > noticed for o in load.snapshot()) >= DEAD_WINDOW_REQUESTS,
+            RELOAD_S, f"{DEAD_WINDOW_REQUESTS} requests sent to the dead stub did not come back",
+        )
         # What Triton says meanwhile: the model is READY, the server healthy.
         with Client(urls(server)[0]) as probe:
             assert probe.is_model_ready(add_one.name) and probe.is_ready()
         assert server.models()[add_one.name] == "READY"
+        reloading = time.monotonic()
         server.reload_model(add_one.name)
         reloaded = time.monotonic()
-        time.sleep(WARM_S)
+        wait_for(lambda: sum(o.sent > reloaded for o in load.snapshot()) >= WARM_REQUESTS,
+                 WARM_TIMEOUT_S, f"{WARM_REQUESTS} requests after the reload did not come back")
         new = stub_of(server, add_one.name)
         assert new.pid != stub.pid and [p.pid for p in server.crashed_backends()] == [stub.pid]
     outcomes = load.snapshot()
     failures = [o.error for o in outcomes if o.error is not None]
+    dead_window = [o for o in outcomes if o.sent > noticed and o.done < reloading]
     after = [o for o in outcomes if o.sent > reloaded]
     failed_at = sorted(o.done - killed for o in outcomes if o.error is not None)
     print(
         f"\nstub killed: {len(outcomes)} requests, {len(failures)} failed (at "
-        f"{', '.join(f'{t:.1f}' for t in failed_at)} s after the kill), reloaded "
-        f"{reloaded - killed:.1f} s after the kill; {len(after)} requests after the reload, all answered"
+        f"{', '.join(f'{t:.1f}' for t in failed_at)} s after the kill), noticed "
+        f"{noticed - killed:.1f} s and reloaded {reloaded - killed:.1f} s after the kill; "
+        f"{len(dead_window)} sent and answered while the stub was dead; {len(after)} requests "
+        "after the reload"
     )
     assert all(o.error is None for o in outcomes if o.done < killed)
-    # Every request sent to the model between the kill and the reload failed; none after it.
-    assert all(o.error is not None for o in outcomes if killed < o.sent < reloaded)
-    assert failures and all(o.sent < reloaded for o in outcomes if o.error is not None)
+    # Sent to the dead stub and answered before the reload began: each one failed.
+    assert dead_window and all(o.error is not None for o in dead_window)
+    # No failure among requests sent after the reload returned; every one was answered.
+    assert all(o.sent < reloaded for o in outcomes if o.error is not None)
     for error in failures:  # the clear, classified error a client gets
         assert isinstance(error, ServerError), repr(error)
         assert UNHEALTHY.format(instance=stub.instance) in str(error)
@@ -295,7 +325,7 @@ def test_kiln_serve_reloads_a_model_whose_stub_died(make_repository, add_one, ki
     ((pid, argv),) = run.stubs()
     assert argv[8] == f"{add_one.name}_0_0".encode()
     with Load([run.http_url, run.grpc_url], add_one, NEVER_RETRY) as load:
-        time.sleep(WARM_S)
+        warm_up(load)
         os.kill(pid, signal.SIGKILL)
         killed = time.monotonic()
         run.expect(
@@ -307,7 +337,8 @@ def test_kiln_serve_reloads_a_model_whose_stub_died(make_repository, add_one, ki
         seconds = float(run.expect(rf"^kiln serve: reloaded model '{add_one.name}' in ([\d.]+) s$", RELOAD_S)
                         .group(1))
         recovered = time.monotonic()
-        time.sleep(WARM_S)
+        wait_for(lambda: sum(o.sent > recovered for o in load.snapshot()) >= WARM_REQUESTS,
+                 WARM_TIMEOUT_S, f"{WARM_REQUESTS} requests after the reload did not come back")
     outcomes = load.snapshot()
     failures = [o for o in outcomes if o.error is not None]
     print(
@@ -315,7 +346,7 @@ def test_kiln_serve_reloads_a_model_whose_stub_died(make_repository, add_one, ki
         f"{seconds:.1f} s, {recovered - killed:.1f} s after the kill"
     )
     assert all(o.sent < recovered for o in failures)
-    assert [o for o in outcomes if o.sent > recovered and o.error is None]
+    assert all(o.error is None for o in outcomes if o.sent > recovered)
     assert run.process.poll() is None and len(run.stubs()) == 1
     os.killpg(run.process.pid, signal.SIGINT)
     assert run.process.wait(SERVE_EXIT_S) == 0
@@ -326,10 +357,10 @@ def test_kiln_serve_exits_when_a_stub_dies_outside_explicit_mode(make_repository
     run.ready()
     ((pid, _),) = run.stubs()
     os.kill(pid, signal.SIGKILL)
-    started = time.monotonic()
+    # kiln notices within NOTICE_S (it looks every 0.5 s); stopping Triton then may take its exit
+    # timeout (it never finishes unloading the dead instance), which is not kiln's to bound.
+    run.expect(rf"^kiln serve: a backend stub died: model '{add_one.name}' version 1 ", NOTICE_S, stream="err")
     assert run.process.wait(SERVE_EXIT_S) == 1
-    assert time.monotonic() - started < NOTICE_S
-    run.expect(rf"^kiln serve: a backend stub died: model '{add_one.name}' version 1 ", 1, stream="err")
     error = run.expect(r"^kiln serve: error: .*", 1, stream="err").group(0)
     assert error == (
         f"kiln serve: error: backend stub process(es) died: model '{add_one.name}' version 1 (instance "
@@ -361,7 +392,7 @@ def test_a_killed_server_is_ridden_out_by_sdk_retries(make_repository, add_one, 
     try:
         stubs = [p.pid for p in first.backend_processes()]
         with Load(urls(first), add_one, RIDE_OUT) as riding, Load(urls(first), add_one, NEVER_RETRY, 1) as raw:
-            time.sleep(WARM_S)
+            warm_up(riding)
             os.kill(first.pid, signal.SIGKILL)
             killed = time.monotonic()
             time.sleep(OBSERVE_S)
@@ -373,7 +404,8 @@ def test_a_killed_server_is_ridden_out_by_sdk_retries(make_repository, add_one, 
             wait_for(lambda: not any(alive(pid) for pid in stubs), STUB_EXIT_S, "the stubs did not exit")
             second = TritonServer(repository, log_file=tmp_path / "second.log", **ports).start()
             back = time.monotonic()
-            time.sleep(WARM_S)
+            wait_for(lambda: sum(o.sent > back for o in riding.snapshot()) >= WARM_REQUESTS,
+                     WARM_TIMEOUT_S, f"{WARM_REQUESTS} requests to the new server did not come back")
     finally:
         first.stop()
         if second is not None:

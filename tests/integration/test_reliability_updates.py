@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import threading
 import time
 from collections.abc import Iterator
@@ -49,7 +50,8 @@ HOLD_US = 2_000_000
 IN_FLIGHT = 5
 SENDERS_PER_CLIENT = 2
 WARM_S = 1.0
-"""Load before and after each switch."""
+"""Load before and after each switch (at least; then until each client has MIN_ANSWERS)."""
+MIN_ANSWERS = 5
 SETTLE_TIMEOUT_S = 30.0
 NEVER_RETRY = RetryPolicy.disabled()
 
@@ -171,14 +173,28 @@ class Traffic:
     def all(self) -> list[Answer]:
         return [a for answers in self.answers.values() for a in answers]
 
+    def wait_for_answers(self, after: float, count: int = MIN_ANSWERS) -> None:
+        """Waits until every client has `count` answers to requests sent after `after` (an
+        observable state, so that a slow machine cannot leave a client without one)."""
+        deadline = time.monotonic() + SETTLE_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if all(
+                sum(a.sent > after for a in list(answers)) >= count for answers in self.answers.values()
+            ):
+                return
+            time.sleep(0.05)
+        pytest.fail(f"a client got fewer than {count} answers within {SETTLE_TIMEOUT_S} s")
+
 
 def switch_under_load(server: TritonServer, change) -> tuple[Traffic, float]:
     """Runs `change()` while traffic flows; returns the traffic and when `change` returned."""
     with Traffic(server) as traffic:
         time.sleep(WARM_S)
+        traffic.wait_for_answers(after=0.0)
         change()
         switched = time.monotonic()
         time.sleep(WARM_S)
+        traffic.wait_for_answers(after=switched)
     return traffic, switched
 
 
@@ -195,6 +211,17 @@ def check_switch(traffic: Traffic, switched: float, old: str, new: str) -> None:
     assert after and {a.version for a in after} == {new}, "a request sent after the switch got the old version"
     for index, per_client in traffic.answers.items():  # each client object saw both versions
         assert {a.version for a in per_client} == {old, new}, f"client {index}"
+
+
+def pending_requests(server: TritonServer, model: str) -> int:
+    """Requests of `model` waiting in Triton's queue now (its nv_inference_pending_request_count
+    gauge, which the scheduler updates as requests enter and leave the queue)."""
+    import urllib.request
+
+    with urllib.request.urlopen(server.metrics_url, timeout=5) as response:
+        text = response.read().decode()
+    counts = re.findall(rf'^nv_inference_pending_request_count{{model="{model}",version="\d+"}} (\d+)', text, re.M)
+    return sum(int(c) for c in counts)
 
 
 def served_versions(server: TritonServer, model: str) -> set[str]:
@@ -250,18 +277,21 @@ def test_unloading_a_model_drains_its_in_flight_requests(server: TritonServer) -
                 results[i] = error
 
     threads = [threading.Thread(target=call, args=(i,)) for i in range(IN_FLIGHT)]
-    started = time.monotonic()
     for thread in threads:
         thread.start()
-    time.sleep(HOLD_US / 1e6 / 4)  # the requests now wait in the batcher's queue
+    # An observable state, not a sleep: all of them wait in the batcher's queue (it holds them
+    # up to HOLD_US for a batch of MAX_BATCH, which they never fill).
+    deadline = time.monotonic() + SETTLE_TIMEOUT_S
+    while (queued := pending_requests(server, QUEUED)) < IN_FLIGHT and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert queued == IN_FLIGHT and not results, (queued, results)
     server.unload_model(QUEUED)
-    unloaded = time.monotonic()
     with Client(f"http://{server.http_url}", retry=NEVER_RETRY) as client:
         with pytest.raises(ModelNotReadyError, match=f"'{QUEUED}' has no available versions"):
             client.infer(QUEUED, {INPUT: np.zeros((1, FEATURES), np.float32)}, validate=False)
     for thread in threads:
         thread.join(SETTLE_TIMEOUT_S)
-    assert unloaded - started < HOLD_US / 1e6, "the unload came after the requests were answered"
+    # Queued when the unload began, and every one answered right: the unload drained them.
     assert results == {i: i + 1.0 for i in range(IN_FLIGHT)}
     deadline = time.monotonic() + SETTLE_TIMEOUT_S
     while server.models()[QUEUED] != "UNAVAILABLE" and time.monotonic() < deadline:
