@@ -1,6 +1,8 @@
 """The digits model end to end on a real tritonserver, over HTTP and gRPC.
 
-The served model's accuracy on the held-out split must equal the PyTorch model's; batched and
+The served model's predictions on the held-out split must equal the PyTorch model's wherever
+PyTorch's top-1 class is decided within the build's tolerance (so its accuracy too, up to the
+near-ties, which may go either way on another CPU); batched and
 single requests must agree; malformed requests get clear errors and the server keeps serving.
 """
 
@@ -19,7 +21,8 @@ import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
 from kiln import paths, tensors
-from kiln.build.digits import accuracy, load_split, load_trained
+from kiln.build.check import assert_same_top1
+from kiln.build.digits import load_split, load_trained
 from kiln.build.specs import by_name
 from kiln.repository import generate
 from kiln.server import TritonServer
@@ -77,11 +80,13 @@ def test_served_accuracy_equals_pytorch(client, split, reference: np.ndarray) ->
     served = np.concatenate([infer(client, chunk) for chunk in chunks])
 
     served_accuracy = float(np.mean(served.argmax(axis=1) == split.y_test))
-    torch_accuracy = accuracy(load_trained(DIGITS), split.x_test, split.y_test)
-    assert served_accuracy == torch_accuracy
-    assert served_accuracy > 0.95
     tol = DIGITS.build.tolerance
     np.testing.assert_allclose(served, reference, atol=tol.atol, rtol=tol.rtol)
+    # Equal predictions wherever PyTorch's top-1 is decided within the tolerance (a near-tie may
+    # go either way on another CPU), so accuracies differ by at most the undecided share.
+    undecided = assert_same_top1(served, reference, tol, labels=split.y_test)
+    assert undecided <= 2, f"{undecided} near-ties: the comparison says little"
+    assert served_accuracy > 0.95
 
 
 def infer_concurrently(server: TritonServer, protocol: str, requests: list[np.ndarray]) -> list:
