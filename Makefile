@@ -7,7 +7,7 @@ PYTEST_ARGS ?=
 LOADTEST_ARGS ?=
 BENCH_ARGS ?=
 
-.PHONY: setup generate check-generated build-engines serve test test-unit test-integration loadtest bench soak lint clean
+.PHONY: setup generate check-generated build-engines serve test test-unit test-integration test-numeric-variation loadtest bench soak lint clean
 
 setup:  ## create .venv and install kiln with every extra, Debian packages included
 	@scripts/setup.sh
@@ -24,8 +24,12 @@ build-engines: setup  ## train/export/check every model and publish it into mode
 serve: build-engines  ## the main job: build, then serve on the embedded Triton and show a prediction
 	$(KILN) serve --demo
 
-test: build-engines  ## the whole suite: unit tests, then integration tests on a real tritonserver
+test: build-engines  ## the whole suite (unit, then integration on a real tritonserver), then the unit tests again with other float kernels
 	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) scripts/numeric_variation.py
+
+test-numeric-variation: setup  ## the unit tests with PyTorch's instruction set capped and ONNX Runtime's threads/fusions changed (as on another CPU)
+	$(PY) scripts/numeric_variation.py $(PYTEST_ARGS)
 
 test-unit: setup
 	$(PY) -m pytest tests/unit $(PYTEST_ARGS)
@@ -43,7 +47,7 @@ soak: build-engines  ## the 10-minute soak at 70% of measured capacity (CI runs 
 	KILN_SOAK_SECONDS=600 $(PY) -m pytest -s -m soak tests/integration/test_reliability_soak.py
 
 lint: setup
-	$(VENV)/bin/ruff check kiln build backends clients tests loadtests benchmarks
+	$(VENV)/bin/ruff check kiln build backends clients tests loadtests benchmarks scripts
 
 clean:  ## remove build outputs (not the virtual environment)
 	rm -rf artifacts .setuptools-build
