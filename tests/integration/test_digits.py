@@ -129,7 +129,7 @@ def test_single_and_batched_requests_agree(server: TritonServer, protocol: str, 
     ids=["wrong-shape", "wrong-dtype", "batch-over-max", "missing-input", "extra-input"],
 )
 def test_bad_request_gets_a_clear_error_and_the_server_keeps_serving(
-    client, server: TritonServer, split, make_request, message: str
+    client, server: TritonServer, split, reference, make_request, message: str
 ) -> None:
     module = httpclient if isinstance(client, httpclient.InferenceServerClient) else grpcclient
     inputs = []
@@ -142,7 +142,9 @@ def test_bad_request_gets_a_clear_error_and_the_server_keeps_serving(
     assert message in caught.value.message()
 
     assert server.returncode is None, "tritonserver exited after a bad request"
-    assert infer(client, split.x_test[:1]).argmax() == split.y_test[0]
+    # still serving: the model's own answer (PyTorch's top class; the label could differ on a CPU
+    # whose training went otherwise)
+    assert infer(client, split.x_test[:1]).argmax() == reference[0].argmax()
 
 
 def test_non_finite_input_is_rejected_by_the_backend(client, split) -> None:
@@ -185,7 +187,7 @@ def _batch_stats(client) -> tuple[int, int]:
 
 @pytest.mark.parametrize("protocol", PROTOCOLS)
 def test_bad_request_in_a_dynamic_batch_fails_alone(
-    slow_batching_server: TritonServer, split, protocol: str
+    slow_batching_server: TritonServer, split, reference, protocol: str
 ) -> None:
     client = make_client(slow_batching_server, protocol)
     images = [split.x_test[i : i + 1].copy() for i in range(4)]
@@ -198,7 +200,7 @@ def test_bad_request_in_a_dynamic_batch_fails_alone(
     assert after == (executions + 1, inferences + 4), "the 4 requests did not share one batch"
     for i in (0, 1, 3):
         assert isinstance(results[i], np.ndarray), results[i]
-        assert results[i].argmax() == split.y_test[i]
+        assert results[i].argmax() == reference[i].argmax()  # its own answer, as PyTorch's
     assert isinstance(results[2], InferenceServerException)
     assert "input 'pixels' contains NaN or infinity (1 of 64 values)" in results[2].message()
     client.close()
