@@ -48,6 +48,7 @@ soak: build-engines  ## the 10-minute soak at 70% of measured capacity (CI runs 
 
 lint: setup
 	$(VENV)/bin/ruff check kiln build backends clients tests loadtests benchmarks scripts
+	$(PY) scripts/unasync.py --check
 
 clean:  ## remove build outputs (not the virtual environment)
 	rm -rf artifacts .setuptools-build
