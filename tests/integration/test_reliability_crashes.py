@@ -3,7 +3,8 @@
 What Triton 2.51 does, measured here and stated in docs/operations.md:
 
 - A python backend stub killed (SIGKILL, as the OOM killer does): Triton neither restarts it nor
-  marks its model unavailable. The model stays READY (repository index, model readiness) while
+  marks its model unavailable. The model stays READY in the repository index (its readiness
+  endpoint mostly says ready too; in 1 of 5 runs it said not ready) while
   every request to it fails with "Stub process '<instance>' is not healthy" (HTTP 500 / gRPC
   INTERNAL; kiln.clients.ServerError), one per second: each waits for the instance, which spends
   1 s on each request finding its stub dead. The dead stub stays a zombie. Loading the model again
@@ -196,10 +197,12 @@ def test_a_killed_stub_fails_its_model_until_reloaded(make_repository, add_one, 
             lambda: sum(o.sent > noticed for o in load.snapshot()) >= DEAD_WINDOW_REQUESTS,
             RELOAD_S, f"{DEAD_WINDOW_REQUESTS} requests sent to the dead stub did not come back",
         )
-        # What Triton says meanwhile: the model is READY, the server healthy.
+        # What Triton says meanwhile (reported, not asserted: it is Triton's, not kiln's, and its
+        # readiness endpoint answered "not ready" in 1 of 5 runs here while the index said READY).
+        # kiln's promise is the watcher above, which saw the dead stub either way.
         with Client(urls(server)[0]) as probe:
-            assert probe.is_model_ready(add_one.name) and probe.is_ready()
-        assert server.models()[add_one.name] == "READY"
+            said = f"model ready {probe.is_model_ready(add_one.name)}, server ready {probe.is_ready()}"
+        said += f", repository index {server.models()[add_one.name]}"
         reloading = time.monotonic()
         server.reload_model(add_one.name)
         reloaded = time.monotonic()
@@ -217,7 +220,7 @@ def test_a_killed_stub_fails_its_model_until_reloaded(make_repository, add_one, 
         f"{', '.join(f'{t:.1f}' for t in failed_at)} s after the kill), noticed "
         f"{noticed - killed:.1f} s and reloaded {reloaded - killed:.1f} s after the kill; "
         f"{len(dead_window)} sent and answered while the stub was dead; {len(after)} requests "
-        "after the reload"
+        f"after the reload; meanwhile Triton said: {said}"
     )
     assert all(o.error is None for o in outcomes if o.done < killed)
     # Sent to the dead stub and answered before the reload began: each one failed.
