@@ -6,7 +6,7 @@ process group, streams and saves its log, waits until it is ready, and shuts it 
 tests, the benchmarks and `kiln serve` all start Triton through it.
 
 Errors a user meets (a port in use, no tritonserver binary, no repository, a model that fails to
-load, Triton exiting) raise a subclass of `ServerError` whose message says what happened and what
+load, Triton exiting) raise a subclass of `TritonServerError` whose message says what happened and what
 to do; a model's own load error is extracted from Triton's log.
 
 Operations (docs/operations.md): the endpoints bind to loopback unless a host is given; the
@@ -181,7 +181,7 @@ _TRACEBACK_MARK = "\n\nAt:\n"
 # --- errors --------------------------------------------------------------------------------------
 
 
-class ServerError(RuntimeError):
+class TritonServerError(RuntimeError):
     """Base class of every error the embedded server runtime raises.
 
     Attributes:
@@ -193,15 +193,15 @@ class ServerError(RuntimeError):
         self.log_path = log_path
 
 
-class BinaryNotFoundError(ServerError):
+class BinaryNotFoundError(TritonServerError):
     """The tritonserver binary, its python backend or the stub for this Python is missing."""
 
 
-class RepositoryNotFoundError(ServerError):
+class RepositoryNotFoundError(TritonServerError):
     """The model repository folder does not exist."""
 
 
-class PortInUseError(ServerError):
+class PortInUseError(TritonServerError):
     """A port Triton should listen on is taken.
 
     Attributes:
@@ -224,7 +224,7 @@ class PortInUseError(ServerError):
         self.host = host
 
 
-class ModelLoadError(ServerError):
+class ModelLoadFailedError(TritonServerError):
     """One or more models failed to load; `errors` maps each model to Triton's message."""
 
     def __init__(self, errors: Mapping[str, str], *, log_path: Path | None = None) -> None:
@@ -233,7 +233,7 @@ class ModelLoadError(ServerError):
         self.errors = dict(errors)
 
 
-class ServerExitedError(ServerError):
+class ServerExitedError(TritonServerError):
     """tritonserver exited when it should not have (during startup or while serving).
 
     Attributes:
@@ -255,11 +255,11 @@ class ServerExitedError(ServerError):
         self.log_tail = list(log_tail)
 
 
-class StartupTimeoutError(ServerError):
+class StartupTimeoutError(TritonServerError):
     """tritonserver did not become ready before the startup deadline."""
 
 
-class RepositoryApiError(ServerError):
+class RepositoryApiError(TritonServerError):
     """A model-repository API call (load, unload, index) failed; the message is Triton's.
 
     Attributes:
@@ -272,7 +272,7 @@ class RepositoryApiError(ServerError):
         self.status = status
 
 
-class BackendCrashedError(ServerError):
+class BackendCrashedError(TritonServerError):
     """Python backend stub processes died while tritonserver kept running.
 
     Triton 2.51 neither restarts such a stub nor marks its model unavailable: the model stays
@@ -750,12 +750,12 @@ class TritonServer:
             self, for chaining.
 
         Raises:
-            BinaryNotFoundError, RepositoryNotFoundError, PortInUseError, ModelLoadError,
+            BinaryNotFoundError, RepositoryNotFoundError, PortInUseError, ModelLoadFailedError,
             ServerExitedError, StartupTimeoutError: see each class. The server is stopped and
             cleaned up before any of them propagates.
         """
         if self._process is not None:
-            raise ServerError("this TritonServer was already started; create a new one")
+            raise TritonServerError("this TritonServer was already started; create a new one")
         binary = find_tritonserver(self._binary_arg)
         if not self.repository.is_dir():
             what = "is not a folder" if self.repository.exists() else "does not exist"
@@ -1001,7 +1001,7 @@ class TritonServer:
             with urllib.request.urlopen(request, timeout=HTTP_PROBE_TIMEOUT_S) as response:
                 return json.loads(response.read().decode("utf-8"))
         except (urllib.error.URLError, OSError, ValueError) as error:
-            raise ServerError(
+            raise TritonServerError(
                 f"tritonserver at {self.http_url} did not answer {method} {path}: {error}",
                 log_path=self._log_path,
             ) from error
@@ -1021,7 +1021,7 @@ class TritonServer:
                 if self._requested[protocol] != FREE_PORT and not port_is_free(self.host, port):
                     raise PortInUseError(port, protocol, self.host)
         except OSError as error:  # e.g. a host that is not an address of this machine
-            raise ServerError(f"cannot listen on host {self.host!r}: {error}") from error
+            raise TritonServerError(f"cannot listen on host {self.host!r}: {error}") from error
         return Ports(**chosen)
 
     def _command(self, binary: Path, backend_dir: Path, ports: Ports) -> list[str]:
@@ -1168,7 +1168,7 @@ class TritonServer:
             )
         self._last_protobuf_error = None  # it only explains the line right after it
 
-    def _failure(self) -> ServerError | None:
+    def _failure(self) -> TritonServerError | None:
         """The error the log explains, if any: a port taken, else models that failed to load."""
         with self._lock:
             port_failures = list(self._port_failures)
@@ -1177,7 +1177,7 @@ class TritonServer:
             protocol, host, port = port_failures[0]
             return PortInUseError(port, protocol, host, log_path=self._log_path)
         if model_errors:
-            return ModelLoadError(model_errors, log_path=self._log_path)
+            return ModelLoadFailedError(model_errors, log_path=self._log_path)
         return None
 
     def _wait_until_ready(self) -> None:

@@ -40,8 +40,8 @@ from kiln.server import (
     TRITON_EXIT_TIMEOUT_S,
     BackendCrashedError,
     BackendProcess,
-    ServerError,
     TritonServer,
+    TritonServerError,
     describe_returncode,
 )
 
@@ -259,7 +259,7 @@ def serve(
                 return EXIT_ERROR
             except KeyboardInterrupt:
                 return _stop_on_request(server, out)
-            except ServerError as error:
+            except TritonServerError as error:
                 _report(error, err)
                 return EXIT_ERROR
         finally:
@@ -314,7 +314,7 @@ class _BackendWatchdog:
         started = time.monotonic()
         try:
             self.server.reload_model(model)
-        except ServerError as error:
+        except TritonServerError as error:
             raise BackendCrashedError(
                 f"could not reload model '{model}' after its backend stub died: {error}",
                 dead,
@@ -347,12 +347,12 @@ def _stop_on_request(server: TritonServer, out: TextIO) -> int:
 def _print_ready(server: TritonServer, out: TextIO) -> None:
     try:
         version = f"tritonserver {server.metadata().get('version', '?')}"
-    except ServerError:
+    except TritonServerError:
         version = "tritonserver"
     try:
         models = server.models()
         listing = ", ".join(f"{name} ({state})" for name, state in sorted(models.items()))
-    except ServerError as error:
+    except TritonServerError as error:
         listing = f"(could not list: {error})"
     lines = [
         f"{PROG}: {version} is ready (pid {server.pid}), serving {server.repository}",
@@ -371,7 +371,7 @@ def _print_ready(server: TritonServer, out: TextIO) -> None:
     _say(out, "\n".join(lines))
 
 
-def _report(error: ServerError, err: TextIO) -> None:
+def _report(error: TritonServerError, err: TextIO) -> None:
     message = str(error)
     if error.log_path is not None and str(error.log_path) not in message:
         message += f"\nfull log: {error.log_path}"

@@ -1,8 +1,9 @@
 """The one bridge between kiln's processing steps and Triton's Python backend.
 
-Every kiln backend but `kiln_onnx` is a `Step`: plain Python over numpy arrays, testable without
-Triton. A backend's `model.py` is then one line, `TritonPythonModel = python_model(load)`, where
-`load` builds the step from a `LoadContext`. The adapter
+Every kiln backend is a `Step` (`kiln_onnx` too: `kiln.serving.onnx.OnnxStep`): plain Python over
+numpy arrays, testable without Triton. A backend's `model.py` is then one line,
+`TritonPythonModel = python_model(load)`, where `load` builds the step from a `LoadContext`. The
+adapter
 
 - reads each request's inputs by the names in the model config (an absent optional input is None),
 - hands the whole dynamic batch to the step in one call (so a step can vectorize across requests),
@@ -193,9 +194,9 @@ def python_model(load: Callable[[LoadContext], Step]) -> type:
             try:
                 results = self.step.run(decoded)
             except Exception as error:  # the step itself failed: every request of the batch
-                results = [RuntimeError(f"step failed on a batch of {len(requests)}: {error}")] * len(
-                    requests
-                )
+                failure = RuntimeError(f"step failed on a batch of {len(requests)}: {error}")
+                failure.__cause__ = error
+                results = [failure] * len(requests)
             responses = []
             for result in results:
                 if isinstance(result, Exception):

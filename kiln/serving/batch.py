@@ -14,11 +14,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from kiln.serving.errors import RequestError
+
+__all__ = ["RequestError", "TensorContract"]  # RequestError: defined in kiln.serving.errors
+
 Tensors = dict[str, np.ndarray]
-
-
-class RequestError(ValueError):
-    """This request's input is malformed; the message names the input and what was wrong."""
 
 
 @dataclass(frozen=True)
@@ -153,9 +153,9 @@ def run_batch(
                     )
         except Exception as error:  # the model failed: every request of this run gets the error
             for index, _ in members:
-                results[index] = RuntimeError(
-                    f"inference failed on a batch of {len(members)} request(s): {error}"
-                )
+                failure = RuntimeError(f"inference failed on a batch of {len(members)} request(s): {error}")
+                failure.__cause__ = error  # the original error stays reachable (logs, tests)
+                results[index] = failure
             continue
         offset = 0
         for index, size in members:

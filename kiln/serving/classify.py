@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from kiln import tensors
-from kiln.serving.batch import RequestError
+from kiln.serving.errors import ModelLoadError, RequestError
 from kiln.serving.params import Param, parse_params
 
 CLASSIFY_PARAMS: tuple[Param, ...] = (
@@ -54,7 +54,7 @@ class ClassifyParams:
     apply_softmax: bool
 
 
-class ClassifyLoadError(RuntimeError):
+class ClassifyLoadError(ModelLoadError):
     """The config, the parameters and the labels disagree; the message names the model."""
 
 

@@ -43,6 +43,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from kiln.serving.errors import ModelLoadError, RequestError
 from kiln.serving.params import Param, ParamError, parse_params
 
 PIXEL_LEVELS = 256
@@ -200,7 +201,7 @@ def image_params(model: str, raw: Mapping[str, str]) -> ImageParams:
     return params
 
 
-class ImageError(ValueError):
+class ImageError(RequestError):
     """One image of a request cannot be used; the message names the image and the problem.
 
     Attributes:
@@ -551,7 +552,7 @@ def _standard_mode(image: Image.Image, index: int) -> Image.Image:
     )
 
 
-class ImageLoadError(RuntimeError):
+class ImageLoadError(ModelLoadError):
     """The model config and the parameters disagree; the message names the model and the cause."""
 
 

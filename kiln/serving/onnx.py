@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from kiln.serving.batch import TensorContract, Tensors, run_batch
+from kiln.serving.errors import ModelLoadError
 from kiln.serving.params import Param, parse_params
 
 KNOWN_PROVIDERS = (
@@ -60,10 +61,6 @@ class OnnxParams:
     execution_providers: tuple[str, ...]
     graph_optimization_level: str
     reject_non_finite: bool
-
-
-class ModelLoadError(RuntimeError):
-    """The model cannot be served as configured; the message names the model and the cause."""
 
 
 # ONNX tensor element types (onnx.TensorProto) as ONNX Runtime names them -> numpy.
@@ -236,3 +233,31 @@ class OnnxModel:
             batched=self.batched,
             reject_non_finite=self.params.reject_non_finite,
         )
+
+
+class OnnxStep:
+    """kiln_onnx as a step of the adapter (`kiln.serving.adapter.python_model`): one
+    `OnnxModel.infer` per dynamic batch, so the ONNX step is served, counted (the kiln_step_*
+    metrics) and mapped to Triton errors exactly like the processing steps.
+
+    Attributes:
+        model: The loaded model.
+    """
+
+    def __init__(self, model: OnnxModel) -> None:
+        self.model = model
+
+    def run(self, requests: Sequence[Mapping[str, np.ndarray | None]]) -> list[Tensors | Exception]:
+        """Each request's outputs, or its error (see `OnnxModel.infer`)."""
+        return self.model.infer(requests)
+
+
+def load(context: Any) -> OnnxStep:  # context: kiln.serving.adapter.LoadContext
+    """Loads `<version>/model.onnx` (or `parameters.model_filename`) for the model `context` names.
+
+    Raises:
+        ModelLoadError: see `OnnxModel.load`.
+        ParamError: a parameter is unknown or not allowed.
+    """
+    model = OnnxModel.load(context.model_name, context.version_dir, context.config, context.parameters)
+    return OnnxStep(model)

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from kiln import tensors
-from kiln.serving.batch import RequestError
+from kiln.serving.errors import ModelLoadError, RequestError
 from kiln.serving.params import Param, parse_params
 
 if TYPE_CHECKING:
@@ -48,7 +48,7 @@ class PoolInputError(RequestError):
         self.reason = reason
 
 
-class PoolLoadError(RuntimeError):
+class PoolLoadError(ModelLoadError):
     """The pooling step cannot be served as configured; the message names the model and the cause."""
 
 

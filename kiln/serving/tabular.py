@@ -440,7 +440,9 @@ def load(context: LoadContext) -> TabularStep:
     try:
         path = context.artifact(params.stats_model, params.stats_file)
         stats = FeatureStandardizer.read(path)
-    except (FileNotFoundError, ValueError) as error:
+    except FileNotFoundError as error:  # LoadContext.artifact names the model already
+        raise ModelLoadError(str(error)) from error
+    except ValueError as error:
         raise ModelLoadError(f"model '{name}': {error}") from error
 
     records = values = None

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from kiln import tensors
-from kiln.serving.batch import RequestError
+from kiln.serving.errors import ModelLoadError, RequestError
 from kiln.serving.params import Param, parse_params
 
 if TYPE_CHECKING:
@@ -85,7 +85,7 @@ class TextInputError(RequestError):
         self.reason = reason
 
 
-class TextLoadError(RuntimeError):
+class TextLoadError(ModelLoadError):
     """The tokenizer cannot be served as configured; the message names the model and the cause."""
 
 

@@ -30,7 +30,7 @@ import tritonclient.http as httpclient
 from kiln.server import (
     FREE_PORT,
     BinaryNotFoundError,
-    ModelLoadError,
+    ModelLoadFailedError,
     PortInUseError,
     RepositoryNotFoundError,
     StartupTimeoutError,
@@ -331,7 +331,7 @@ def test_model_load_failure_carries_the_models_own_message(
 ) -> None:
     repository = make_repository({add_one.name: {}, BROKEN: BAD_PARAMETERS})
     server = TritonServer(repository, log_file=log_file, **FREE_PORTS)
-    with pytest.raises(ModelLoadError) as caught:
+    with pytest.raises(ModelLoadFailedError) as caught:
         server.start()
     error = caught.value
     assert list(error.errors) == [BROKEN]

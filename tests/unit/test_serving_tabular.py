@@ -332,7 +332,7 @@ def test_load_reads_the_published_statistics(stats_file: Path, split) -> None:
     ("model_config", "error", "message"),
     [
         (config(), ModelLoadError, "model 'fraud_features': parameter 'stats_model' is required"),
-        (config(stats_model="nothing"), ModelLoadError, "model 'fraud_features': model 'fraud_features': 'features.json' of model 'nothing' not found"),
+        (config(stats_model="nothing"), ModelLoadError, "model 'fraud_features': 'features.json' of model 'nothing' not found"),
         (config(stats_model=STATS_MODEL, stats_file="other.json"), ModelLoadError, "'other.json' of model 'fraud' not found"),
         (config(stats_model=STATS_MODEL, colour="red"), ParamError, "model 'fraud_features': unknown parameter 'colour'; allowed: max_record_bytes, stats_file, stats_model"),
         (config(stats_model=STATS_MODEL, max_record_bytes="1"), ParamError, "parameter 'max_record_bytes' must be an integer >= 2, got '1'"),
