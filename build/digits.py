@@ -5,7 +5,7 @@ is downloaded. Pixels are divided by `PIXEL_SCALE`, which defines the model's in
 (`kiln.tensors.DIGITS_PIXELS`: FP32 [batch, 1, 8, 8] in [0, 1]); clients scale the same way.
 
 Training is deterministic for a seed on one CPU (another instruction set gives other last digits;
-see the README's "What is and is not bit-reproducible"): the weights are initialised from a forked, seeded
+see docs/results.md, "What is and is not bit-reproducible"): the weights are initialised from a forked, seeded
 RNG (the caller's global RNG is left alone), batches are shuffled by a seeded generator, and
 PyTorch's deterministic algorithms are on for the duration of training.
 

@@ -8,7 +8,7 @@ when the first attempt may have reached the server.
 The default policy of `Client` and `AsyncClient` is `RetryPolicy()`: 3 attempts in all (2 retries),
 waiting 0.05-0.1 s then 0.1-0.2 s, so a brief blip is ridden out and a dead server
 is reported in well under a second. `RetryPolicy.disabled()` turns retries off; a policy with more
-attempts and a `deadline_s` rides out a server restart (see the README).
+attempts and a `deadline_s` rides out a server restart (see docs/client.md).
 """
 
 from __future__ import annotations

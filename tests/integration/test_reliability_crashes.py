@@ -57,7 +57,7 @@ EXIT_TIMEOUT_S = 2
 """Triton's drain on stop: after a stub crash it waits all of it for the dead instance."""
 NEVER_RETRY = RetryPolicy.disabled()
 RIDE_OUT = RetryPolicy(max_attempts=1000, initial_backoff_s=0.05, max_backoff_s=0.25, deadline_s=60)
-"""A policy that rides out a server restart (the README's example)."""
+"""A policy that rides out a server restart (docs/client.md's example)."""
 WARM_S = 1.0
 WARM_REQUESTS = 20
 """Answered requests that show the model serving (before the kill, after the reload)."""
