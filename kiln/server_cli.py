@@ -49,6 +49,11 @@ PROG = "kiln serve"
 EXIT_OK = 0
 EXIT_ERROR = 1
 SERVE_POLL_S = 0.5
+RELOAD_TIMEOUT_S = 60.0
+"""Bound on reloading a model whose stub died. Triton 2.51 can itself abort (SIGABRT,
+boost::interprocess::lock_exception) when a stub was killed holding its shared-memory lock, and a
+reload against it may then never be answered: kiln stops waiting, reports, and exits 1 for a
+supervisor to restart it, instead of hanging."""
 """How often `serve()` checks that tritonserver is still alive while serving."""
 
 ON_BACKEND_CRASH = ("reload", "exit")
@@ -313,7 +318,7 @@ class _BackendWatchdog:
             )
         started = time.monotonic()
         try:
-            self.server.reload_model(model)
+            self.server.reload_model(model, timeout=RELOAD_TIMEOUT_S)
         except TritonServerError as error:
             raise BackendCrashedError(
                 f"could not reload model '{model}' after its backend stub died: {error}",

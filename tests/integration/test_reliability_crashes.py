@@ -50,6 +50,7 @@ from kiln.server import (
     TritonServer,
     pick_free_ports,
 )
+from kiln.server_cli import RELOAD_TIMEOUT_S
 
 HOST = "127.0.0.1"
 FREE_PORTS = {"http_port": FREE_PORT, "grpc_port": FREE_PORT, "metrics_port": FREE_PORT}
@@ -151,6 +152,21 @@ def wait_for(condition, timeout: float, what: str):
     pytest.fail(f"{what} within {timeout} s")
 
 
+TRITON_ABORT = "boost::interprocess::lock_exception"
+"""How Triton 2.51's python backend dies, now and then, after one of its stubs was SIGKILLed while
+holding the shared-memory lock: tritonserver aborts (SIGABRT) and every model is gone. Nothing kiln
+can prevent; `kiln serve` then exits 1 with the error (about 1 run in 10 here)."""
+
+
+def triton_aborted(log_file: Path) -> bool:
+    """Whether the tritonserver whose log is `log_file` aborted that way."""
+    try:
+        text = log_file.read_text(errors="replace")
+    except OSError:
+        return False
+    return TRITON_ABORT in text or "Signal (6) received" in text
+
+
 def warm_up(load: Load) -> None:
     """Lets the load run WARM_S and waits until WARM_REQUESTS were answered (a stub killed in the
     load's first moments made Triton 2.51 abort, SIGABRT, in 1 of 3 tries here; at steady load it
@@ -180,9 +196,19 @@ def test_a_killed_stub_fails_its_model_until_reloaded(make_repository, add_one, 
     and answered before the reload began failed, with the clear error; every request sent after
     the reload returned succeeded. (A request still queued when the reload starts may go either
     way: Triton may hand it to the new instance, so no test may demand that it fails.)"""
+    log_file = tmp_path / "tritonserver.log"
+    try:
+        _killed_stub_scenario(make_repository, add_one, log_file)
+    except (Exception, pytest.fail.Exception):
+        if triton_aborted(log_file):
+            pytest.xfail(f"Triton 2.51 itself aborted after the stub was killed ({TRITON_ABORT}, its bug)")
+        raise
+
+
+def _killed_stub_scenario(make_repository, add_one, log_file: Path) -> None:
     with TritonServer(
         make_repository(), model_control_mode="explicit", load_models=[add_one.name],
-        log_file=tmp_path / "tritonserver.log", exit_timeout=EXIT_TIMEOUT_S, **FREE_PORTS,
+        log_file=log_file, exit_timeout=EXIT_TIMEOUT_S, **FREE_PORTS,
     ) as server, Load(urls(server), add_one, NEVER_RETRY) as load:
         warm_up(load)
         stub = stub_of(server, add_one.name)
@@ -204,7 +230,7 @@ def test_a_killed_stub_fails_its_model_until_reloaded(make_repository, add_one, 
             said = f"model ready {probe.is_model_ready(add_one.name)}, server ready {probe.is_ready()}"
         said += f", repository index {server.models()[add_one.name]}"
         reloading = time.monotonic()
-        server.reload_model(add_one.name)
+        server.reload_model(add_one.name, timeout=RELOAD_TIMEOUT_S)
         reloaded = time.monotonic()
         wait_for(lambda: sum(o.sent > reloaded for o in load.snapshot()) >= WARM_REQUESTS,
                  WARM_TIMEOUT_S, f"{WARM_REQUESTS} requests after the reload did not come back")
@@ -257,6 +283,21 @@ class Serve:
         for line in stream:
             self.lines.put((name, line.rstrip("\n")))
         self.lines.put((name, None))
+
+    def expect_any(self, patterns: dict[str, str], timeout: float) -> tuple[str, re.Match[str]]:
+        """Reads lines until one matches the pattern given for its stream; (stream, match)."""
+        deadline = time.monotonic() + timeout
+        while (left := deadline - time.monotonic()) > 0:
+            try:
+                name, line = self.lines.get(timeout=left)
+            except queue.Empty:
+                break
+            if line is None:
+                continue
+            self.seen.append((name, line))
+            if name in patterns and (match := re.search(patterns[name], line)):
+                return name, match
+        pytest.fail(f"kiln serve printed no line matching {patterns} in {timeout} s: {self.seen}")
 
     def expect(self, pattern: str, timeout: float, stream: str = "out") -> re.Match[str]:
         """Reads lines until one of `stream` matches `pattern`."""
@@ -337,8 +378,19 @@ def test_kiln_serve_reloads_a_model_whose_stub_died(make_repository, add_one, ki
             "it and keeps reporting the model READY while every request to it fails$",
             NOTICE_S, stream="err",
         )
-        seconds = float(run.expect(rf"^kiln serve: reloaded model '{add_one.name}' in ([\d.]+) s$", RELOAD_S)
-                        .group(1))
+        stream, match = run.expect_any(
+            {"out": rf"^kiln serve: reloaded model '{add_one.name}' in ([\d.]+) s$", "err": r"^kiln serve: error: .*"},
+            RELOAD_TIMEOUT_S + RELOAD_S,
+        )
+        if stream == "err":
+            # Triton itself aborted: its python backend can die on a lock the killed stub held
+            # (boost::interprocess::lock_exception; seen in about 1 of 10 runs). kiln's promise
+            # then is a clear error and exit 1 for a supervisor, never a hang.
+            assert run.process.wait(SERVE_EXIT_S) == 1
+            log = Path(run.expect(r"^full log: (.*)$", 5, stream="err").group(1))
+            assert triton_aborted(log), match.group(0)
+            pytest.xfail(f"Triton 2.51 aborted after the stub was killed (its bug); kiln said: {match.group(0)}")
+        seconds = float(match.group(1))
         recovered = time.monotonic()
         wait_for(lambda: sum(o.sent > recovered for o in load.snapshot()) >= WARM_REQUESTS,
                  WARM_TIMEOUT_S, f"{WARM_REQUESTS} requests after the reload did not come back")
