@@ -301,18 +301,7 @@ class Serve:
 
     def expect(self, pattern: str, timeout: float, stream: str = "out") -> re.Match[str]:
         """Reads lines until one of `stream` matches `pattern`."""
-        deadline = time.monotonic() + timeout
-        while (left := deadline - time.monotonic()) > 0:
-            try:
-                name, line = self.lines.get(timeout=left)
-            except queue.Empty:
-                break
-            if line is None:
-                continue
-            self.seen.append((name, line))
-            if name == stream and (match := re.search(pattern, line)):
-                return match
-        pytest.fail(f"kiln serve printed no line matching {pattern!r} in {timeout} s: {self.seen}")
+        return self.expect_any({stream: pattern}, timeout)[1]
 
     def ready(self) -> None:
         self.triton_pid = int(self.expect(r"is ready \(pid (\d+)\)", SERVE_READY_S).group(1))
