@@ -175,6 +175,9 @@ _STATUS_ROW = re.compile(
 _TABLE_CHARS = "|+"
 """First characters of the rows of the tables Triton prints (models, backends, options)."""
 _TRACEBACK_MARK = "\n\nAt:\n"
+_METRIC_SAMPLE = re.compile(r"^(?P<name>[A-Za-z_:][\w:]*)(?:\{(?P<labels>[^}]*)\})? (?P<value>\S+)$", re.M)
+"""One sample line of the Prometheus text format: name{labels} value."""
+_METRIC_LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
 """The python backend appends the Python traceback after this to a failed `initialize`."""
 
 
@@ -850,6 +853,31 @@ class TritonServer:
     def metadata(self) -> dict[str, Any]:
         """Triton's server metadata (GET /v2): name, version, extensions."""
         return self._http_json("GET", SERVER_METADATA_PATH)
+
+    def metric(self, name: str, **labels: str) -> float:
+        """The sum of the samples of metric `name` on the metrics page whose labels include
+        `labels` (0.0 when there is none yet: Triton and kiln's counters appear at their first
+        increment). E.g. `metric("kiln_step_failures_total", model="m", reason="decode")`, or
+        `metric("nv_inference_pending_request_count", model="m")` summed over versions.
+
+        Raises:
+            TritonServerError: the metrics page did not answer.
+        """
+        url = self.metrics_url
+        try:
+            with urllib.request.urlopen(url, timeout=HTTP_PROBE_TIMEOUT_S) as response:
+                text = response.read().decode("utf-8")
+        except (urllib.error.URLError, OSError) as error:
+            raise TritonServerError(f"tritonserver's metrics at {url} did not answer: {error}",
+                                    log_path=self._log_path) from error
+        total = 0.0
+        for match in _METRIC_SAMPLE.finditer(text):
+            if match.group("name") != name:
+                continue
+            found = dict(_METRIC_LABEL.findall(match.group("labels") or ""))
+            if all(found.get(key) == value for key, value in labels.items()):
+                total += float(match.group("value"))
+        return total
 
     def models(self) -> dict[str, str]:
         """Model name -> state ("READY", "UNAVAILABLE", ...) from the repository index.

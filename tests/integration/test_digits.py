@@ -158,30 +158,18 @@ def test_non_finite_input_is_rejected_by_the_backend(client, split) -> None:
     assert caught.value.status() in ("400", "StatusCode.INVALID_ARGUMENT")
 
 
-def _step_counter(server: TritonServer, name: str, **labels: str) -> float:
-    """A kiln_step_* counter of the metrics page (0 before its first increment)."""
-    import re
-    import urllib.request
-
-    with urllib.request.urlopen(server.metrics_url, timeout=10) as response:
-        text = response.read().decode()
-    wanted = "".join(f'(?=[^}}]*{k}="{re.escape(v)}")' for k, v in labels.items())
-    match = re.search(rf"^{name}{{{wanted}[^}}]*}} ([0-9.e+]+)$", text, re.M)
-    return float(match.group(1)) if match else 0.0
-
-
 def test_the_onnx_step_reports_the_kiln_step_metrics(client, server: TritonServer, split) -> None:
     # kiln_onnx is served through the same adapter as the processing steps: counted the same way.
-    before = _step_counter(server, "kiln_step_requests_total", model=MODEL)
-    failed = _step_counter(server, "kiln_step_failures_total", model=MODEL, reason="invalid_input")
+    before = server.metric("kiln_step_requests_total", model=MODEL)
+    failed = server.metric("kiln_step_failures_total", model=MODEL, reason="invalid_input")
     infer(client, split.x_test[:3])
     bad = split.x_test[:1].copy()
     bad[0, 0, 0, 0] = np.inf
     with pytest.raises(InferenceServerException):
         infer(client, bad)
-    assert _step_counter(server, "kiln_step_requests_total", model=MODEL) == before + 2
-    assert _step_counter(server, "kiln_step_failures_total", model=MODEL, reason="invalid_input") == failed + 1
-    assert _step_counter(server, "kiln_step_duration_us_total", model=MODEL) > 0
+    assert server.metric("kiln_step_requests_total", model=MODEL) == before + 2
+    assert server.metric("kiln_step_failures_total", model=MODEL, reason="invalid_input") == failed + 1
+    assert server.metric("kiln_step_duration_us_total", model=MODEL) > 0
 
 
 @pytest.fixture(scope="module")

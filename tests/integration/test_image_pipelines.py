@@ -15,10 +15,8 @@ from __future__ import annotations
 
 import dataclasses
 import io
-import re
 import shutil
 import struct
-import urllib.request
 import zlib
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -240,13 +238,7 @@ def test_image_classifier_int8_top5_equals_onnx_runtime_in_process(client, photo
 
 
 def failure_count(server: TritonServer, model: str, reason: str) -> float:
-    text = urllib.request.urlopen(server.metrics_url, timeout=10).read().decode()
-    pattern = re.compile(
-        r'^kiln_step_failures_total\{(?=[^}]*model="' + re.escape(model) + r'")(?=[^}]*reason="'
-        + re.escape(reason) + r'")[^}]*\} (\S+)$', re.M,
-    )
-    match = pattern.search(text)
-    return float(match.group(1)) if match else 0.0
+    return server.metric("kiln_step_failures_total", model=model, reason=reason)
 
 
 def test_corrupt_and_bomb_files_fail_alone_and_are_counted(client, server: TritonServer, photo_files) -> None:

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import re
 import threading
 import time
 from collections.abc import Iterator
@@ -213,17 +212,6 @@ def check_switch(traffic: Traffic, switched: float, old: str, new: str) -> None:
         assert {a.version for a in per_client} == {old, new}, f"client {index}"
 
 
-def pending_requests(server: TritonServer, model: str) -> int:
-    """Requests of `model` waiting in Triton's queue now (its nv_inference_pending_request_count
-    gauge, which the scheduler updates as requests enter and leave the queue)."""
-    import urllib.request
-
-    with urllib.request.urlopen(server.metrics_url, timeout=5) as response:
-        text = response.read().decode()
-    counts = re.findall(rf'^nv_inference_pending_request_count{{model="{model}",version="\d+"}} (\d+)', text, re.M)
-    return sum(int(c) for c in counts)
-
-
 def served_versions(server: TritonServer, model: str) -> set[str]:
     """Versions whose stub processes run, once Triton has settled (the old stubs exit)."""
     deadline = time.monotonic() + SETTLE_TIMEOUT_S
@@ -280,9 +268,10 @@ def test_unloading_a_model_drains_its_in_flight_requests(server: TritonServer) -
     for thread in threads:
         thread.start()
     # An observable state, not a sleep: all of them wait in the batcher's queue (it holds them
-    # up to HOLD_US for a batch of MAX_BATCH, which they never fill).
+    # up to HOLD_US for a batch of MAX_BATCH, which they never fill). Triton's pending-request
+    # gauge is updated as requests enter and leave the queue.
     deadline = time.monotonic() + SETTLE_TIMEOUT_S
-    while (queued := pending_requests(server, QUEUED)) < IN_FLIGHT and time.monotonic() < deadline:
+    while (queued := server.metric("nv_inference_pending_request_count", model=QUEUED)) < IN_FLIGHT and time.monotonic() < deadline:
         time.sleep(0.01)
     assert queued == IN_FLIGHT and not results, (queued, results)
     server.unload_model(QUEUED)

@@ -173,10 +173,7 @@ def slow_batching_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[T
 
 def _failures(server: TritonServer, reason: str) -> float:
     """The tokenizer step's kiln_step_failures_total for `reason` (0 before the first failure)."""
-    with urllib.request.urlopen(server.metrics_url, timeout=10) as response:
-        metrics = response.read().decode()
-    line = f'kiln_step_failures_total{{model="{TOKENIZER.name}",reason="{reason}"}} '
-    return sum(float(row[len(line):]) for row in metrics.splitlines() if row.startswith(line))
+    return server.metric("kiln_step_failures_total", model=TOKENIZER.name, reason=reason)
 
 
 def _stats(server: TritonServer) -> tuple[int, int]:
