@@ -139,14 +139,15 @@ def _threshold(spec: Any, repository: Any) -> float:
     from pathlib import Path
 
     from kiln import paths
-    from kiln.serving.adapter import LoadContext
-    from kiln.serving.params import check_params
+    from kiln.serving.adapter import find_artifact
+    from kiln.serving.params import parse_params
     from kiln.serving.threshold import THRESHOLD_PARAMS, ThresholdParams, resolve_threshold
 
     root = Path(repository) if repository is not None else paths.model_repository()
-    params = ThresholdParams(**check_params(spec.name, dict(spec.parameters), THRESHOLD_PARAMS))
-    where = LoadContext(spec.name, root / spec.name, root / spec.name / "1", {}, {})
-    return resolve_threshold(params, where.artifact)
+    params = parse_params(spec.name, dict(spec.parameters), THRESHOLD_PARAMS, ThresholdParams)
+    return resolve_threshold(
+        params, lambda model, name: find_artifact(root, model, name, for_model=spec.name)
+    )
 
 
 class Checker:

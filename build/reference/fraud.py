@@ -405,10 +405,14 @@ def published_threshold(repository: Path | None = None) -> Any:  # -> DecisionTh
         FileNotFoundError: not published; run `kiln build`.
         kiln.serving.threshold.ThresholdSourceError: the file is not a decision document.
     """
+    from kiln.serving.adapter import find_artifact
     from kiln.serving.threshold import DecisionThreshold
 
+    # Found as kiln_threshold finds it: the newest version folder of fraud that holds it.
     root = Path(repository) if repository is not None else paths.model_repository()
-    return DecisionThreshold.read(root / FRAUD.name / VERSION / fraud_pipelines.DECISION_FILE)
+    spec = fraud_pipelines.THRESHOLD_SPEC
+    path = find_artifact(root, FRAUD.name, fraud_pipelines.DECISION_FILE, for_model=spec.name)
+    return DecisionThreshold.read(path)
 
 
 def main() -> None:

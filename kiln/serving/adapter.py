@@ -98,26 +98,42 @@ class LoadContext:
 
     def artifact(self, model: str, name: str) -> Path:
         """`name` in the newest version folder of another repository model (e.g. the tokenizer
-        the build published beside text_encoder). The model name must be one path segment, so
-        nothing outside the repository can be reached."""
-        if not _MODEL_NAME.match(model) or model in (".", ".."):
-            raise ValueError(f"model '{self.model_name}': {model!r} is not a model name")
-        if not _MODEL_NAME.match(name):
-            raise ValueError(f"model '{self.model_name}': {name!r} is not a file name (one path segment)")
-        folder = self.repository / model
-        versions = sorted(
-            (int(p.name) for p in folder.iterdir() if p.is_dir() and _VERSION.match(p.name))
-            if folder.is_dir() else ()
-        )
-        candidates = [folder / str(v) / name for v in reversed(versions)]
-        for path in candidates:
-            if path.is_file():
-                return path
-        raise FileNotFoundError(
-            f"model '{self.model_name}': {name!r} of model '{model}' not found under {folder} "
-            "(the build publishes it: run `make build-engines`)"
-        )
+        the build published beside text_encoder); see `find_artifact`."""
+        return find_artifact(self.repository, model, name, for_model=self.model_name)
 
+
+def find_artifact(repository: Path, model: str, name: str, *, for_model: str) -> Path:
+    """`name` in the newest version folder of `model` in `repository` that holds it: where a
+    step finds what the build published beside another model. The model name must be one path
+    segment, so nothing outside the repository can be reached.
+
+    Args:
+        repository: The model repository.
+        model: The model whose version folders hold the file.
+        name: The file's name (one path segment).
+        for_model: The model asking (named in the messages).
+
+    Raises:
+        ValueError: `model` or `name` is not one path segment.
+        FileNotFoundError: no version folder holds the file (the message says to build).
+    """
+    if not _MODEL_NAME.match(model) or model in (".", ".."):
+        raise ValueError(f"model '{for_model}': {model!r} is not a model name")
+    if not _MODEL_NAME.match(name):
+        raise ValueError(f"model '{for_model}': {name!r} is not a file name (one path segment)")
+    folder = Path(repository) / model
+    versions = sorted(
+        (int(p.name) for p in folder.iterdir() if p.is_dir() and _VERSION.match(p.name))
+        if folder.is_dir() else ()
+    )
+    for version in reversed(versions):
+        path = folder / str(version) / name
+        if path.is_file():
+            return path
+    raise FileNotFoundError(
+        f"model '{for_model}': {name!r} of model '{model}' not found under {folder} "
+        "(the build publishes it: run `make build-engines`)"
+    )
 
 def read_inputs(request: Any, names: Sequence[str], pb_utils: Any) -> Inputs:
     """One request's input arrays by name (None where the request left an input out)."""
