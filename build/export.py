@@ -131,43 +131,48 @@ def export_onnx(
             spec.name, f"exporter must be one of {', '.join(EXPORTERS)}, got {exporter!r}"
         )
     module.eval()
-    input_names = [t.name for t in spec.inputs]
-    output_names = [t.name for t in spec.outputs]
     path = Path(path)
     with atomic_path(path) as tmp:
-        try:
-            with warnings.catch_warnings(), torch.no_grad():
-                common = {
-                    "input_names": input_names,
-                    "output_names": output_names,
-                    "opset_version": spec.build.opset,
-                }
-                if exporter == "torchscript":
-                    for message in _LEGACY_DEPRECATIONS:
-                        warnings.filterwarnings("ignore", message, DeprecationWarning)
-                    torch.onnx.export(
-                        module, tuple(example), str(tmp), **common,
-                        dynamic_axes=dynamic_axes(spec), dynamo=False,
-                    )
-                else:
-                    torch.onnx.export(
-                        module, tuple(example), str(tmp), **common,
-                        dynamic_shapes=_dynamic_shapes(spec), dynamo=True,
-                        external_data=False, verbose=False,
-                    )
-        except ModuleNotFoundError as error:
-            raise ExportError(
-                spec.name,
-                f"the {exporter} exporter needs the module '{error.name}', which is not installed",
-            ) from error
-        except Exception as error:
-            raise ExportError(spec.name, f"torch.onnx.export ({exporter}) failed: {error}") from error
+        _run_exporter(module, spec, example, tmp, exporter)
         try:
             onnx.checker.check_model(str(tmp), full_check=True)
         except onnx.checker.ValidationError as error:
             raise ExportError(spec.name, f"onnx.checker rejected the export: {error}") from None
         verify_signature(onnx.load(str(tmp)), spec)
     return path
+
+
+def _run_exporter(
+    module: nn.Module, spec: ModelSpec, example: Sequence[torch.Tensor], dest: Path, exporter: str
+) -> None:
+    """torch.onnx.export with `exporter` to `dest`: the spec's names, opset and dynamic dims."""
+    common = {
+        "input_names": [t.name for t in spec.inputs],
+        "output_names": [t.name for t in spec.outputs],
+        "opset_version": spec.build.opset,
+    }
+    try:
+        with warnings.catch_warnings(), torch.no_grad():
+            if exporter == "torchscript":
+                for message in _LEGACY_DEPRECATIONS:
+                    warnings.filterwarnings("ignore", message, DeprecationWarning)
+                torch.onnx.export(
+                    module, tuple(example), str(dest), **common,
+                    dynamic_axes=dynamic_axes(spec), dynamo=False,
+                )
+            else:
+                torch.onnx.export(
+                    module, tuple(example), str(dest), **common,
+                    dynamic_shapes=_dynamic_shapes(spec), dynamo=True,
+                    external_data=False, verbose=False,
+                )
+    except ModuleNotFoundError as error:
+        raise ExportError(
+            spec.name,
+            f"the {exporter} exporter needs the module '{error.name}', which is not installed",
+        ) from error
+    except Exception as error:
+        raise ExportError(spec.name, f"torch.onnx.export ({exporter}) failed: {error}") from error
 
 
 def graph_signature(model: onnx.ModelProto) -> dict[str, dict[str, tuple[int, list[int | str]]]]:

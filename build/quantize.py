@@ -386,59 +386,80 @@ def to_int8(
         QuantizeError: invalid settings or calibration inputs, or ONNX Runtime's pre-processing
             or quantization failed.
     """
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
-    from onnxruntime.quantization.shape_inference import quant_pre_process
-
     _check_settings(spec.name, settings)
     _check_calibration(spec, calibration_inputs)
-    methods = {
-        "minmax": CalibrationMethod.MinMax,
-        "percentile": CalibrationMethod.Percentile,
-        "entropy": CalibrationMethod.Entropy,
-    }
-    types = {"quint8": QuantType.QUInt8, "qint8": QuantType.QInt8}
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".int8-", dir=dest.parent) as scratch:
         scratch = str(Path(scratch).resolve())  # absolute: pre-processing runs with it as the cwd
         preprocessed = Path(scratch) / PREPROCESSED_NAME
         src = Path(src).resolve()
-        try:
-            with _working_directory(scratch):  # its temporaries land in the cwd when it fails
-                quant_pre_process(str(src), str(preprocessed))
-        except Exception as symbolic_error:  # symbolic shape inference gives up on some graphs
-            if progress is not None:
-                progress(
-                    f"int8: symbolic shape inference failed ({type(symbolic_error).__name__}: "
-                    f"{symbolic_error}); pre-processing with ONNX shape inference only"
-                )
-            try:
-                with _working_directory(scratch):
-                    quant_pre_process(str(src), str(preprocessed), skip_symbolic_shape=True)
-            except Exception as error:
-                raise QuantizeError(
-                    spec.name, "int8", f"quant_pre_process failed on {src}: {error}"
-                ) from error
+        _preprocess(spec, src, preprocessed, scratch, progress)
         reader = CalibrationReader(
             spec, calibration_inputs, calibration_batch_size(spec, settings), progress
         )
         with atomic_path(dest) as tmp, _prints_to(progress):
-            try:
-                quantize_static(
-                    str(preprocessed),
-                    str(tmp),
-                    reader,
-                    quant_format=QuantFormat.QDQ,
-                    op_types_to_quantize=list(settings.op_types_to_quantize) or None,
-                    per_channel=settings.per_channel,
-                    reduce_range=settings.reduce_range,
-                    activation_type=types[settings.activation_type],
-                    weight_type=types[settings.weight_type],
-                    nodes_to_exclude=_excluded_nodes(preprocessed, settings) or None,
-                    calibrate_method=methods[settings.method],
-                )
-            except Exception as error:
-                raise QuantizeError(
-                    spec.name, "int8", f"quantize_static failed on {src}: {error}"
-                ) from error
+            _quantize(spec, src, preprocessed, tmp, reader, settings)
     return dest
+
+
+def _preprocess(
+    spec: ModelSpec, src: Path, preprocessed: Path, scratch: str, progress: Progress | None
+) -> None:
+    """ONNX Runtime's quantization pre-processing of `src` into `preprocessed`, run in `scratch`;
+    with ONNX shape inference only when symbolic shape inference gives up."""
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    try:
+        with _working_directory(scratch):  # its temporaries land in the cwd when it fails
+            quant_pre_process(str(src), str(preprocessed))
+    except Exception as symbolic_error:  # symbolic shape inference gives up on some graphs
+        if progress is not None:
+            progress(
+                f"int8: symbolic shape inference failed ({type(symbolic_error).__name__}: "
+                f"{symbolic_error}); pre-processing with ONNX shape inference only"
+            )
+        try:
+            with _working_directory(scratch):
+                quant_pre_process(str(src), str(preprocessed), skip_symbolic_shape=True)
+        except Exception as error:
+            raise QuantizeError(
+                spec.name, "int8", f"quant_pre_process failed on {src}: {error}"
+            ) from error
+
+
+def _quantize(
+    spec: ModelSpec,
+    src: Path,
+    preprocessed: Path,
+    dest: Path,
+    reader: CalibrationReader,
+    settings: Int8Settings,
+) -> None:
+    """quantize_static on the pre-processed model: INT8 QDQ at `dest`, calibrated by `reader`."""
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    methods = {
+        "minmax": CalibrationMethod.MinMax,
+        "percentile": CalibrationMethod.Percentile,
+        "entropy": CalibrationMethod.Entropy,
+    }
+    types = {"quint8": QuantType.QUInt8, "qint8": QuantType.QInt8}
+    try:
+        quantize_static(
+            str(preprocessed),
+            str(dest),
+            reader,
+            quant_format=QuantFormat.QDQ,
+            op_types_to_quantize=list(settings.op_types_to_quantize) or None,
+            per_channel=settings.per_channel,
+            reduce_range=settings.reduce_range,
+            activation_type=types[settings.activation_type],
+            weight_type=types[settings.weight_type],
+            nodes_to_exclude=_excluded_nodes(preprocessed, settings) or None,
+            calibrate_method=methods[settings.method],
+        )
+    except Exception as error:
+        raise QuantizeError(
+            spec.name, "int8", f"quantize_static failed on {src}: {error}"
+        ) from error

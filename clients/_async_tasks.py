@@ -1,6 +1,10 @@
 """The task clients for asyncio: `AsyncImageClassifier`, `AsyncDigitsReader`, `AsyncTextEmbedder`,
 `AsyncFraudScorer` (see `kiln.clients.tasks`).
 
+Each method is one declared task (`kiln.clients._task_core`: CLASSIFY, EMBED, SCORE, each an
+encoding and a decoding) run by the one driver, `_perform`: encode -> the client's
+`_infer_parts` -> decode.
+
 This module is the source of both sets of task clients: `scripts/unasync.py` writes
 `kiln.clients._sync_tasks` (the blocking `ImageClassifier`, ... ) from it; a test fails when the
 written file differs. Edit this file, then run `.venv/bin/python scripts/unasync.py`.
@@ -9,7 +13,7 @@ written file differs. Edit this file, then run `.venv/bin/python scripts/unasync
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from types import TracebackType
 from typing import Any
 
@@ -17,24 +21,23 @@ import numpy as np
 
 from kiln import tensors
 from kiln.clients._async_client import AsyncClient
-from kiln.clients._core import DEFAULT, DEFAULT_URL, Part, raise_first_failure
+from kiln.clients._core import DEFAULT, DEFAULT_URL
 from kiln.clients._task_core import (
+    CLASSIFY,
+    EMBED,
+    SCORE,
+    Answer,
+    R,
     Record,
     Records,
+    Task,
     _check_options,
-    _collect_classifications,
-    _image_request,
-    collect,
-    encode_texts,
-    fraud_inputs,
-    fraud_score,
 )
 from kiln.clients.images import ImageInput
-from kiln.clients.models import ModelInfo, validate_inputs
+from kiln.clients.models import ModelInfo
 from kiln.clients.results import Classification, Embeddings, FraudScore
 
 __all__ = ["AsyncDigitsReader", "AsyncFraudScorer", "AsyncImageClassifier", "AsyncTextEmbedder"]
-
 
 
 class _AsyncTask:
@@ -67,15 +70,21 @@ class _AsyncTask:
         """The pipeline's tensors and max_batch_size."""
         return await self.client.model_info(self.model)
 
-    async def _run(
-        self, arrays: Mapping[str, np.ndarray], request_id: str | None, timeout: Any
-    ) -> list[Part]:
-        info = await self.info()
-        validate_inputs(info, arrays, split=True)
-        return await self.client._run_parts(
-            self.model, arrays, None, info, version="", request_id=request_id, timeout=timeout,
-            shared_memory=None, chunk=None, isolate=True,
-        )
+    async def _perform(
+        self, task: Task[R], inputs: Any, request_id: str | None, timeout: Any,
+        return_exceptions: bool = False,
+    ) -> R:
+        """Runs any task: encode -> the client's split call (if anything is to be sent) -> decode."""
+        start = time.perf_counter()
+        call = task.encode(inputs, return_exceptions)
+        info, parts = None, []
+        if call.inputs is not None:
+            info, parts = await self.client._infer_parts(
+                self.model, call.inputs, request_id=request_id, timeout=timeout
+            )
+        elif call.needs_info:
+            info = await self.info()
+        return task.decode(call, Answer(parts, info, time.perf_counter() - start, request_id))
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.client.url!r}, model={self.model!r})"
@@ -127,11 +136,7 @@ class AsyncImageClassifier(_AsyncTask):
         Raises:
             KilnError: Without return_exceptions, the first failure, naming the image.
         """
-        results, positions, arrays = _image_request(images, return_exceptions)
-        if arrays is not None:
-            parts = await self._run(arrays, request_id, timeout)
-            _collect_classifications(parts, positions, results, return_exceptions)
-        return results
+        return await self._perform(CLASSIFY, images, request_id, timeout, return_exceptions)
 
 
 class AsyncDigitsReader(AsyncImageClassifier):
@@ -167,16 +172,7 @@ class AsyncTextEmbedder(_AsyncTask):
         Raises:
             KilnError: The first failure, naming the text (e.g. an empty or over-long text).
         """
-        start = time.perf_counter()
-        items = [texts] if isinstance(texts, str) else list(texts)
-        if not items:
-            info = await self.info()
-            dim = info.output(tensors.EMBEDDING).shape[-1]
-            return Embeddings(np.zeros((0, dim), np.float32), time.perf_counter() - start, request_id)
-        parts = await self._run({tensors.TEXT: encode_texts(items)}, request_id, timeout)
-        raise_first_failure(parts, len(items))
-        vectors = np.concatenate([p.result[tensors.EMBEDDING] for p in parts]).astype(np.float32, copy=False)
-        return Embeddings(vectors, time.perf_counter() - start, request_id)
+        return await self._perform(EMBED, texts, request_id, timeout)
 
 
 class AsyncFraudScorer(_AsyncTask):
@@ -208,13 +204,4 @@ class AsyncFraudScorer(_AsyncTask):
             One `FraudScore` per transaction, in order (or a KilnError where one failed, with
             return_exceptions).
         """
-        arrays = fraud_inputs(records)
-        total = len(next(iter(arrays.values())))
-        if total == 0:
-            return []
-        parts = await self._run(arrays, request_id, timeout)
-        if not return_exceptions:
-            raise_first_failure(parts, total)
-        results: list[Any] = [None] * total
-        collect(parts, range(total), results, fraud_score, total)
-        return results
+        return await self._perform(SCORE, records, request_id, timeout, return_exceptions)

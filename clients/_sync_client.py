@@ -390,13 +390,51 @@ class Client(_Core):
         self._check_open()
         start = time.perf_counter()
         arrays = prepare_inputs(inputs)
-        info = self.model_info(model, version=version)
-        validate_inputs(info, arrays, split=True)
-        parts = self._run_parts(model, arrays, outputs, info, version=version, request_id=request_id,
-                                timeout=timeout, shared_memory=shared_memory, chunk=batch_size, isolate=False)
+        info, parts = self._infer_parts(
+            model, arrays, outputs, version=version, request_id=request_id, timeout=timeout,
+            shared_memory=shared_memory, chunk=batch_size, isolate=False,
+        )
         total = batch_size_of(info, arrays)
         raise_first_failure(parts, total)
         return concatenate([p.result for p in parts], model, time.perf_counter() - start, request_id)
+
+    def _infer_parts(
+        self,
+        model: str,
+        arrays: Mapping[str, np.ndarray],
+        outputs: Sequence[str] | None = None,
+        *,
+        version: str = "",
+        request_id: str | None = None,
+        timeout: Any = DEFAULT,
+        shared_memory: bool | None = None,
+        chunk: int | None = None,
+        isolate: bool = True,
+    ) -> tuple[ModelInfo, list[Part]]:
+        """A split call, part by part: the seam the task clients run every task through
+        (`kiln.clients._sync_tasks`; `infer_batch` uses it too).
+
+        Reads the model's info (cached), checks `arrays` against it (any batch size), and sends
+        them as requests of `chunk` items (default: max_batch_size), `concurrency` at a time;
+        with `isolate` (the task clients' default), a multi-item request that failed with an
+        error one item may cause is resent item by item.
+
+        Returns:
+            The model's info, and one `Part` per request in item order, holding its result or
+            the error it failed with.
+
+        Raises:
+            InvalidInputError: Inputs that do not fit the model (nothing sent); a KilnError when
+                the model's info cannot be read. A failed request never raises: its Part holds it.
+        """
+        self._check_open()
+        info = self.model_info(model, version=version)
+        validate_inputs(info, arrays, split=True)
+        parts = self._run_parts(
+            model, arrays, outputs, info, version=version, request_id=request_id, timeout=timeout,
+            shared_memory=shared_memory, chunk=chunk, isolate=isolate,
+        )
+        return info, parts
 
     def _run_parts(
         self,

@@ -1,15 +1,26 @@
-"""What the task clients share: encoding requests and decoding results, per pipeline (no I/O).
+"""The task clients' tasks, declared: how each one encodes and decodes (no I/O).
 
-The task clients themselves are written once, for asyncio (`kiln.clients._async_tasks`), and the
-blocking ones generated from them (`kiln.clients._sync_tasks`, by `scripts/unasync.py`).
+A task is a `Task`: `encode` turns the Python inputs of one call (images, texts, records) into
+named tensors (an `Encoded`: the tensors, plus a result slot per item, items refused before
+sending already holding their `InvalidInputError`), and `decode` turns what came back (an
+`Answer`: the parts of the split call, the model's info, the latency) into the typed result. The
+task clients run every task through one driver (`_AsyncTask._perform` in
+`kiln.clients._async_tasks`, written once for asyncio; the blocking twin is generated from it by
+`scripts/unasync.py`): encode -> the client's `_infer_parts` (validated, split by max_batch_size,
+sent concurrently, failed multi-item requests resent item by item) -> decode.
+
+A new task defines `encode` (inputs, return_exceptions) -> `Encoded` and `decode` (`Encoded`,
+`Answer`) -> result here (`per_item(row_decoder)` decodes one result per item), and a task-client
+method that calls `self._perform(TASK, inputs, ...)`.
 """
 
 from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterable, Mapping, Sequence
-from typing import Any, Union
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar, Union
 
 import numpy as np
 
@@ -17,7 +28,10 @@ from kiln import tensors
 from kiln.clients._core import Part, raise_first_failure
 from kiln.clients.errors import InvalidInputError, KilnError
 from kiln.clients.images import ImageInput, image_bytes
-from kiln.clients.results import Classification, FraudScore
+from kiln.clients.models import ModelInfo
+from kiln.clients.results import Classification, Embeddings, FraudScore
+
+R = TypeVar("R")
 
 Record = Mapping[str, float]
 """One transaction: feature name -> value in raw units (the pipeline standardizes them)."""
@@ -61,34 +75,6 @@ def encode_images(images: Iterable[ImageInput]) -> tuple[list[bytes | None], dic
                 f"image {i}: {error}", input_name=tensors.IMAGE, item=i, given=type(image).__name__
             )
     return encoded, errors
-
-
-def _image_request(
-    images: Iterable[ImageInput], return_exceptions: bool
-) -> tuple[list[Any], list[int], dict[str, np.ndarray] | None]:
-    """What a classify_batch call sends: the result list (undecodable images already holding
-    their InvalidInputError), the positions of the images sent, and the IMAGE column (None when
-    no image is left to send). Without return_exceptions the first bad image is raised."""
-    encoded, errors = encode_images(images)
-    if errors and not return_exceptions:
-        raise next(iter(errors.values()))
-    results: list[Any] = [None] * len(encoded)
-    for i, error in errors.items():
-        results[i] = error
-    positions = [i for i in range(len(encoded)) if i not in errors]
-    if not positions:
-        return results, positions, None
-    return results, positions, {tensors.IMAGE: _bytes_column([encoded[i] for i in positions])}
-
-
-def _collect_classifications(
-    parts: Sequence[Part], positions: Sequence[int], results: list[Any], return_exceptions: bool
-) -> None:
-    """Fills `results` at `positions` from the requests' parts (raising the first failure unless
-    return_exceptions)."""
-    if not return_exceptions:
-        raise_first_failure(parts, len(results))
-    collect(parts, positions, results, classification, len(results))
 
 
 def encode_texts(texts: Sequence[str]) -> np.ndarray:
@@ -180,6 +166,127 @@ def collect(parts: Sequence[Part], positions: Sequence[int], results: list[Any],
                 results[original] = _label(part.result, original, total)
             else:
                 results[original] = decode(part.result, row)
+
+
+# --- the tasks: each one's encoding and decoding --------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """One task call, encoded.
+
+    Attributes:
+        inputs: Input name -> tensor, one row per item sent; None when nothing is to be sent.
+        results: One slot per item of the call, in order; an item refused while encoding holds
+            its InvalidInputError, the others None (decoding fills them).
+        positions: The call's item index of each row sent.
+        return_exceptions: Whether decoding leaves each failed item's error in its slot instead
+            of raising the first.
+        needs_info: Whether decoding reads the model's info even when nothing is sent.
+    """
+
+    inputs: dict[str, np.ndarray] | None
+    results: list[Any]
+    positions: Sequence[int]
+    return_exceptions: bool = False
+    needs_info: bool = False
+
+
+@dataclass(frozen=True)
+class Answer:
+    """What came back for an `Encoded` call.
+
+    Attributes:
+        parts: The requests' parts, with item ranges indexing `Encoded.positions` (none when
+            nothing was sent).
+        info: The model's info (None when nothing was sent and the call did not need it).
+        latency_s: Seconds since the call began (encoding included).
+        request_id: The call's request id.
+    """
+
+    parts: Sequence[Part]
+    info: ModelInfo | None
+    latency_s: float
+    request_id: str | None
+
+
+@dataclass(frozen=True)
+class Task(Generic[R]):
+    """A task: how its Python inputs become named tensors, and what came back its typed result.
+
+    Attributes:
+        encode: (inputs, return_exceptions) -> `Encoded`; raises InvalidInputError for inputs it
+            cannot send (without return_exceptions, or when the whole call is unusable).
+        decode: (`Encoded`, `Answer`) -> the call's result; raises a failed request's error (item
+            named) unless the call returns exceptions.
+    """
+
+    encode: Callable[[Any, bool], Encoded]
+    decode: Callable[[Encoded, Answer], R]
+
+
+def per_item(row: Callable[[Any, int], Any]) -> Callable[[Encoded, Answer], list[Any]]:
+    """A `Task.decode` giving one result per item: `row(InferResult, row)`, or the item's error
+    (raised, the first one, unless the call returns exceptions)."""
+
+    def decode(call: Encoded, answer: Answer) -> list[Any]:
+        total = len(call.results)
+        if not call.return_exceptions:
+            raise_first_failure(answer.parts, total)
+        results = list(call.results)
+        collect(answer.parts, call.positions, results, row, total)
+        return results
+
+    return decode
+
+
+def encode_image_call(images: Iterable[ImageInput], return_exceptions: bool) -> Encoded:
+    """The IMAGE column of the images that encode; without return_exceptions the first image that
+    does not is raised, with it its error takes the image's slot."""
+    encoded, errors = encode_images(images)
+    if errors and not return_exceptions:
+        raise next(iter(errors.values()))
+    positions = [i for i in range(len(encoded)) if i not in errors]
+    inputs = {tensors.IMAGE: _bytes_column([encoded[i] for i in positions])} if positions else None
+    return Encoded(inputs, [errors.get(i) for i in range(len(encoded))], positions, return_exceptions)
+
+
+def encode_text_call(texts: str | Sequence[str], return_exceptions: bool) -> Encoded:
+    """The TEXT column of one text or many (nothing to send for none)."""
+    items = [texts] if isinstance(texts, str) else list(texts)
+    if not items:
+        return Encoded(None, [], [], return_exceptions, needs_info=True)
+    column = encode_texts(items)
+    return Encoded({tensors.TEXT: column}, [None] * len(items), range(len(items)), return_exceptions)
+
+
+def decode_embeddings(call: Encoded, answer: Answer) -> Embeddings:
+    """The EMBEDDING rows of every part, in order, as `Embeddings` (0 x D for no text)."""
+    if call.inputs is None:
+        dim = answer.info.output(tensors.EMBEDDING).shape[-1]
+        vectors = np.zeros((0, dim), np.float32)
+    else:
+        raise_first_failure(answer.parts, len(call.results))
+        rows = [p.result[tensors.EMBEDDING] for p in answer.parts]
+        vectors = np.concatenate(rows).astype(np.float32, copy=False)
+    return Embeddings(vectors, answer.latency_s, answer.request_id)
+
+
+def encode_record_call(records: Records, return_exceptions: bool) -> Encoded:
+    """The fraud_scorer request for records or feature values (nothing to send for none)."""
+    inputs = fraud_inputs(records)
+    total = len(next(iter(inputs.values())))
+    if total == 0:
+        return Encoded(None, [], [], return_exceptions)
+    return Encoded(inputs, [None] * total, range(total), return_exceptions)
+
+
+CLASSIFY: Task[list[Any]] = Task(encode_image_call, per_item(classification))
+"""Images -> one `Classification` per image (image_classifier, digits_reader)."""
+EMBED: Task[Embeddings] = Task(encode_text_call, decode_embeddings)
+"""Texts -> `Embeddings`, row i for text i (text_embedder)."""
+SCORE: Task[list[Any]] = Task(encode_record_call, per_item(fraud_score))
+"""Records or feature values -> one `FraudScore` per transaction (fraud_scorer)."""
 
 
 def _check_options(client: Any, options: Mapping[str, Any]) -> None:

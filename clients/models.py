@@ -219,7 +219,17 @@ def validate_inputs(
         InvalidInputError: An unknown or missing input, a wrong dtype or shape, batch sizes
             that differ between inputs, or a batch larger than `max_batch_size` (not split).
     """
+    _check_names(info, inputs)
     known = {t.name: t for t in info.inputs}
+    for name, array in inputs.items():
+        _check_array(info, known[name], array)
+    if info.batches and inputs:
+        _check_batch(info, inputs, split)
+
+
+def _check_names(info: ModelInfo, inputs: Mapping[str, np.ndarray]) -> None:
+    """Every input is the model's; every required input of the model is given."""
+    known = {t.name for t in info.inputs}
     model = info.name
     expected_all = ", ".join(
         f"{t.name} ({t.describe()}{', optional' if t.optional else ''})" for t in info.inputs
@@ -237,40 +247,47 @@ def validate_inputs(
                 f"missing; given: {', '.join(inputs) or 'no inputs'}",
                 input_name=tensor.name, expected=tensor.describe(), given=None, model=model,
             )
-    for name, array in inputs.items():
-        tensor = known[name]
-        given_type = triton_dtype(array.dtype)
-        if given_type != tensor.datatype:
-            raise InvalidInputError(
-                f"input '{name}' of model '{model}': expected dtype {tensor.datatype}, given "
-                f"{given_type or 'no Triton type'} (numpy {array.dtype})",
-                input_name=name, expected=tensor.datatype, given=str(given_type or array.dtype), model=model,
-            )
-        shape = tuple(array.shape)
-        if len(shape) != len(tensor.shape) or any(
-            want != ANY_DIM and want != got for want, got in zip(tensor.shape, shape, strict=False)
-        ):
-            raise InvalidInputError(
-                f"input '{name}' of model '{model}': expected shape {list(tensor.shape)} "
-                f"(-1: any size{'; the first dim is the batch' if info.batches else ''}), "
-                f"given {list(shape)}",
-                input_name=name, expected=str(list(tensor.shape)), given=str(list(shape)), model=model,
-            )
-    if info.batches and inputs:
-        sizes = {name: a.shape[0] for name, a in inputs.items()}
-        if len(set(sizes.values())) > 1:
-            raise InvalidInputError(
-                f"inputs of model '{model}' have different batch sizes: "
-                + ", ".join(f"'{n}': {s}" for n, s in sizes.items()),
-                given=str(sizes), model=model,
-            )
-        size = next(iter(sizes.values()))
-        if size == 0:
-            raise InvalidInputError(f"model '{model}': the batch is empty", given="0", model=model)
-        if not split and size > info.max_batch_size:
-            name = next(iter(sizes))
-            raise InvalidInputError(
-                f"input '{name}' of model '{model}': a batch of {size} exceeds the model's "
-                f"max_batch_size {info.max_batch_size}; use infer_batch() to split it",
-                input_name=name, expected=f"<= {info.max_batch_size}", given=str(size), model=model,
-            )
+
+
+def _check_array(info: ModelInfo, tensor: TensorInfo, array: np.ndarray) -> None:
+    """The array has the input's dtype and shape (-1: any size)."""
+    name, model = tensor.name, info.name
+    given_type = triton_dtype(array.dtype)
+    if given_type != tensor.datatype:
+        raise InvalidInputError(
+            f"input '{name}' of model '{model}': expected dtype {tensor.datatype}, given "
+            f"{given_type or 'no Triton type'} (numpy {array.dtype})",
+            input_name=name, expected=tensor.datatype, given=str(given_type or array.dtype), model=model,
+        )
+    shape = tuple(array.shape)
+    if len(shape) != len(tensor.shape) or any(
+        want != ANY_DIM and want != got for want, got in zip(tensor.shape, shape, strict=False)
+    ):
+        raise InvalidInputError(
+            f"input '{name}' of model '{model}': expected shape {list(tensor.shape)} "
+            f"(-1: any size{'; the first dim is the batch' if info.batches else ''}), "
+            f"given {list(shape)}",
+            input_name=name, expected=str(list(tensor.shape)), given=str(list(shape)), model=model,
+        )
+
+
+def _check_batch(info: ModelInfo, inputs: Mapping[str, np.ndarray], split: bool) -> None:
+    """The inputs agree on a batch size of at least 1, at most max_batch_size unless `split`."""
+    model = info.name
+    sizes = {name: a.shape[0] for name, a in inputs.items()}
+    if len(set(sizes.values())) > 1:
+        raise InvalidInputError(
+            f"inputs of model '{model}' have different batch sizes: "
+            + ", ".join(f"'{n}': {s}" for n, s in sizes.items()),
+            given=str(sizes), model=model,
+        )
+    size = next(iter(sizes.values()))
+    if size == 0:
+        raise InvalidInputError(f"model '{model}': the batch is empty", given="0", model=model)
+    if not split and size > info.max_batch_size:
+        name = next(iter(sizes))
+        raise InvalidInputError(
+            f"input '{name}' of model '{model}': a batch of {size} exceeds the model's "
+            f"max_batch_size {info.max_batch_size}; use infer_batch() to split it",
+            input_name=name, expected=f"<= {info.max_batch_size}", given=str(size), model=model,
+        )

@@ -116,6 +116,22 @@ def run_batch(
         One entry per request, in order: its outputs, or the exception that is its error.
     """
     results: list[Tensors | Exception] = [RequestError("not run")] * len(requests)
+    groups = _group_requests(requests, inputs, results, batched=batched, reject_non_finite=reject_non_finite)
+    for members in groups:
+        _run_group(members, requests, inputs, outputs, run, results, batched=batched)
+    return results
+
+
+def _group_requests(
+    requests: Sequence[Mapping[str, np.ndarray | None]],
+    inputs: Sequence[TensorContract],
+    results: list[Tensors | Exception],
+    *,
+    batched: bool,
+    reject_non_finite: bool,
+) -> list[list[tuple[int, int]]]:
+    """The valid requests as groups that run together, each member (index, batch size); an
+    invalid request's error goes into `results`."""
     groups: dict[tuple, list[tuple[int, int]]] = {}
     for index, request in enumerate(requests):
         try:
@@ -130,38 +146,50 @@ def run_batch(
         else:
             key = tuple(request[c.name].shape[1:] for c in inputs)  # type: ignore[union-attr]
         groups.setdefault(key, []).append((index, size))
+    return list(groups.values())
 
-    for members in groups.values():
+
+def _run_group(
+    members: Sequence[tuple[int, int]],
+    requests: Sequence[Mapping[str, np.ndarray | None]],
+    inputs: Sequence[TensorContract],
+    outputs: Sequence[TensorContract],
+    run: Callable[[Tensors], Mapping[str, np.ndarray]],
+    results: list[Tensors | Exception],
+    *,
+    batched: bool,
+) -> None:
+    """Runs one group's requests as one model run; puts each member's outputs (its rows), or the
+    run's error, into `results`."""
+    if batched:
+        feed = {
+            c.name: np.concatenate([requests[i][c.name] for i, _ in members])  # type: ignore[misc]
+            if len(members) > 1
+            else requests[members[0][0]][c.name]
+            for c in inputs
+        }
+    else:
+        feed = {c.name: requests[members[0][0]][c.name] for c in inputs}
+    try:
+        produced = run(feed)  # type: ignore[arg-type]
+        arrays = {o.name: np.asarray(produced[o.name], dtype=o.dtype) for o in outputs}
+        total = sum(size for _, size in members)
+        for name, array in arrays.items():
+            if batched and (array.ndim == 0 or array.shape[0] != total):
+                raise RuntimeError(
+                    f"output '{name}' has shape {list(array.shape)}, "
+                    f"but the batch holds {total} item(s)"
+                )
+    except Exception as error:  # the model failed: every request of this run gets the error
+        for index, _ in members:
+            failure = RuntimeError(f"inference failed on a batch of {len(members)} request(s): {error}")
+            failure.__cause__ = error  # the original error stays reachable (logs, tests)
+            results[index] = failure
+        return
+    offset = 0
+    for index, size in members:
         if batched:
-            feed = {
-                c.name: np.concatenate([requests[i][c.name] for i, _ in members])  # type: ignore[misc]
-                if len(members) > 1
-                else requests[members[0][0]][c.name]
-                for c in inputs
-            }
+            results[index] = {name: a[offset : offset + size] for name, a in arrays.items()}
         else:
-            feed = {c.name: requests[members[0][0]][c.name] for c in inputs}
-        try:
-            produced = run(feed)  # type: ignore[arg-type]
-            arrays = {o.name: np.asarray(produced[o.name], dtype=o.dtype) for o in outputs}
-            total = sum(size for _, size in members)
-            for name, array in arrays.items():
-                if batched and (array.ndim == 0 or array.shape[0] != total):
-                    raise RuntimeError(
-                        f"output '{name}' has shape {list(array.shape)}, "
-                        f"but the batch holds {total} item(s)"
-                    )
-        except Exception as error:  # the model failed: every request of this run gets the error
-            for index, _ in members:
-                failure = RuntimeError(f"inference failed on a batch of {len(members)} request(s): {error}")
-                failure.__cause__ = error  # the original error stays reachable (logs, tests)
-                results[index] = failure
-            continue
-        offset = 0
-        for index, size in members:
-            if batched:
-                results[index] = {name: a[offset : offset + size] for name, a in arrays.items()}
-            else:
-                results[index] = arrays
-            offset += size
-    return results
+            results[index] = arrays
+        offset += size

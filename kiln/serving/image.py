@@ -341,6 +341,13 @@ class ImagePreprocessor:
                 its header is unreadable, or its dimensions are zero, over `max_pixels` or
                 `max_aspect_ratio`.
         """
+        data = self._payload(data, index)
+        kind = self._format(data, index)
+        width, height = self._dimensions(data, kind, index)
+        return self._open_checked(data, kind, width, height, index)
+
+    def _payload(self, data: Any, index: int) -> bytes:
+        """The payload as bytes: not text, not empty, at most `max_image_bytes`."""
         if isinstance(data, np.ndarray) and data.dtype == object and data.size == 1:
             data = data.item()
         if isinstance(data, str):
@@ -359,6 +366,10 @@ class ImagePreprocessor:
             raise ImageError(
                 index, "too_large", f"the payload is {len(data)} bytes, over max_image_bytes {limit}"
             )
+        return data
+
+    def _format(self, data: bytes, index: int) -> str:
+        """The payload's format, from its magic bytes: one of the accepted `formats`."""
         kind = sniff(data)
         allowed = self.params.formats
         if kind is None:
@@ -371,6 +382,10 @@ class ImagePreprocessor:
             raise ImageError(
                 index, "unsupported_format", f"it is a {kind} file; accepted: {', '.join(allowed)}"
             )
+        return kind
+
+    def _dimensions(self, data: bytes, kind: str, index: int) -> tuple[int, int]:
+        """(width, height) from the header, within `max_pixels` and `max_aspect_ratio`."""
         dimensions = header_dimensions(data, kind)
         if dimensions is None:
             raise ImageError(index, "decode", f"its {kind} header is truncated or malformed")
@@ -391,6 +406,11 @@ class ImagePreprocessor:
                 f"{width}x{height} has an aspect ratio of {ratio:.1f}, over max_aspect_ratio "
                 f"{self.params.max_aspect_ratio:g}",
             )
+        return width, height
+
+    @staticmethod
+    def _open_checked(data: bytes, kind: str, width: int, height: int, index: int) -> Image.Image:
+        """Pillow's opened image, which must agree with the checked header's dimensions."""
         try:
             image = Image.open(io.BytesIO(data), formats=(kind,))
         except Image.DecompressionBombError as error:  # only when max_pixels is above Pillow's limit

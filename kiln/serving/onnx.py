@@ -131,6 +131,65 @@ def _check_tensor(
         )
 
 
+def _session(name: str, path: Path, params: OnnxParams) -> Any:
+    """An ONNX Runtime session for `path`, with the parameters' providers, threads and graph
+    optimization level."""
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    missing = [p for p in params.execution_providers if p not in available]
+    if missing:
+        raise ModelLoadError(
+            f"model '{name}': parameter 'execution_providers' names {', '.join(missing)}, "
+            f"which this onnxruntime does not have; available: {', '.join(available)}"
+        )
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = params.intra_op_threads
+    options.inter_op_num_threads = params.inter_op_threads
+    options.graph_optimization_level = {
+        "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+        "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+        "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+        "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+    }[params.graph_optimization_level]
+    try:
+        return ort.InferenceSession(
+            str(path), sess_options=options, providers=list(params.execution_providers)
+        )
+    except Exception as error:
+        raise ModelLoadError(f"model '{name}': ONNX Runtime cannot load {path}: {error}") from error
+
+
+def _check_session(
+    name: str,
+    session: Any,
+    inputs: tuple[TensorContract, ...],
+    outputs: tuple[TensorContract, ...],
+    batched: bool,
+) -> None:
+    """Checks the config's tensors against the ONNX model's: each declared one exists with a
+    matching type and shape, and every model input is declared."""
+    model_inputs = {i.name: i for i in session.get_inputs()}
+    for role, declared, nodes in (
+        ("input", inputs, model_inputs),
+        ("output", outputs, {o.name: o for o in session.get_outputs()}),
+    ):
+        for contract in declared:
+            if contract.name not in nodes:
+                raise ModelLoadError(
+                    f"model '{name}': {role} '{contract.name}' is not an {role} of the ONNX "
+                    f"model (its {role}s: {', '.join(nodes)})"
+                )
+            node = nodes[contract.name]
+            _check_tensor(name, role, contract, node.type, node.shape, batched)
+    unfed = set(model_inputs) - {c.name for c in inputs}
+    if unfed:
+        raise ModelLoadError(
+            f"model '{name}': the ONNX model needs input(s) {', '.join(sorted(unfed))}, "
+            "which config.pbtxt does not declare"
+        )
+
+
 class OnnxModel:
     """An ONNX Runtime session checked against its Triton config, run one dynamic batch at a time."""
 
@@ -162,8 +221,6 @@ class OnnxModel:
             ModelLoadError: the file is missing, a provider is unavailable, or the config and the
                 ONNX model disagree on an input or output.
         """
-        import onnxruntime as ort
-
         params = parse_params(name, raw_params, ONNX_PARAMS, OnnxParams)
         path = Path(version_dir) / params.model_filename
         if not path.is_file():
@@ -171,51 +228,11 @@ class OnnxModel:
                 f"model '{name}': {path} does not exist (parameter 'model_filename' is "
                 f"{params.model_filename!r}); run `make build-engines` to build it"
             )
-        available = ort.get_available_providers()
-        missing = [p for p in params.execution_providers if p not in available]
-        if missing:
-            raise ModelLoadError(
-                f"model '{name}': parameter 'execution_providers' names {', '.join(missing)}, "
-                f"which this onnxruntime does not have; available: {', '.join(available)}"
-            )
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = params.intra_op_threads
-        options.inter_op_num_threads = params.inter_op_threads
-        options.graph_optimization_level = {
-            "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
-            "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-            "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
-            "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
-        }[params.graph_optimization_level]
-        try:
-            session = ort.InferenceSession(
-                str(path), sess_options=options, providers=list(params.execution_providers)
-            )
-        except Exception as error:
-            raise ModelLoadError(f"model '{name}': ONNX Runtime cannot load {path}: {error}") from error
-
+        session = _session(name, path, params)
         batched = int(config.get("max_batch_size", 0)) > 0
         inputs = contracts(name, config.get("input", []))
         outputs = contracts(name, config.get("output", []))
-        model_inputs = {i.name: i for i in session.get_inputs()}
-        for role, declared, nodes in (
-            ("input", inputs, model_inputs),
-            ("output", outputs, {o.name: o for o in session.get_outputs()}),
-        ):
-            for contract in declared:
-                if contract.name not in nodes:
-                    raise ModelLoadError(
-                        f"model '{name}': {role} '{contract.name}' is not an {role} of the ONNX "
-                        f"model (its {role}s: {', '.join(nodes)})"
-                    )
-                node = nodes[contract.name]
-                _check_tensor(name, role, contract, node.type, node.shape, batched)
-        unfed = set(model_inputs) - {c.name for c in inputs}
-        if unfed:
-            raise ModelLoadError(
-                f"model '{name}': the ONNX model needs input(s) {', '.join(sorted(unfed))}, "
-                "which config.pbtxt does not declare"
-            )
+        _check_session(name, session, inputs, outputs, batched)
         return cls(name, session, inputs, outputs, batched, params)
 
     def run(self, feed: Tensors) -> dict[str, np.ndarray]:

@@ -260,6 +260,11 @@ class TabularStep:
         Raises:
             RecordError: naming `where` and what is wrong (and the feature, where one is).
         """
+        document = self._record_object(self._record_text(data, where), where)
+        return self._record_row(document, where)
+
+    def _record_text(self, data: Any, where: str) -> str:
+        """The item as text: UTF-8 bytes (or a str) of at most `max_record_bytes`."""
         if isinstance(data, (bytes, bytearray, memoryview)):
             size = len(data)
             if size > self.max_record_bytes:
@@ -277,6 +282,10 @@ class TabularStep:
                 f"{where}: expected UTF-8 bytes holding a JSON object, got {type(data).__name__}",
                 "invalid_json",
             )
+        return text
+
+    def _record_object(self, text: str, where: str) -> dict[str, Any]:
+        """The JSON object the text holds, with exactly the model's feature names as keys."""
         try:
             document = _DECODER.decode(text)
         except _DuplicateKey as error:
@@ -296,6 +305,10 @@ class TabularStep:
             )
         if len(document) != len(self._names) or not self._known.issuperset(document):
             self._wrong_keys(document, where)
+        return document
+
+    def _record_row(self, document: dict[str, Any], where: str) -> list[float]:
+        """The object's values in feature order, as finite floats."""
         row = [document[name] for name in self._names]
         for i, value in enumerate(row):
             kind = type(value)
@@ -432,6 +445,23 @@ def load(context: LoadContext) -> TabularStep:
     """
     name = context.model_name
     params = parse_params(name, context.parameters, TABULAR_PARAMS, TabularParams)
+    stats, path = _read_stats(context, params)
+    records, values = _input_names(context.config, name, stats.features, path)
+    output = _output_name(context.config, name, stats.features, path)
+    if int(context.config.get("max_batch_size", 0)) < 1:
+        raise ModelLoadError(f"model '{name}': kiln_tabular needs max_batch_size >= 1")
+    return TabularStep(
+        stats,
+        records_input=records,
+        values_input=values,
+        output=output,
+        max_record_bytes=params.max_record_bytes,
+    )
+
+
+def _read_stats(context: LoadContext, params: TabularParams) -> tuple[FeatureStandardizer, Path]:
+    """The statistics the `stats_model`'s build published, and the file's path."""
+    name = context.model_name
     if not params.stats_model:
         raise ModelLoadError(
             f"model '{name}': parameter 'stats_model' is required: the repository model whose "
@@ -444,10 +474,15 @@ def load(context: LoadContext) -> TabularStep:
         raise ModelLoadError(str(error)) from error
     except ValueError as error:
         raise ModelLoadError(f"model '{name}': {error}") from error
+    return stats, path
 
+
+def _input_names(
+    config: Mapping[str, Any], name: str, width: int, path: Path
+) -> tuple[str | None, str | None]:
+    """(the BYTES [1] records input, the FP32 [width] values input), at least one of them."""
     records = values = None
-    width = stats.features
-    for tensor in _tensors(context.config, "input"):
+    for tensor in _tensors(config, "input"):
         dtype, dims = tensor.get("data_type"), [int(d) for d in tensor.get("dims", ())]
         if dtype == RECORD_TYPE and dims == [1] and records is None:
             records = tensor["name"]
@@ -459,9 +494,14 @@ def load(context: LoadContext) -> TabularStep:
                 f"one BYTES [1] input of JSON records and/or one FP32 [{width}] input of raw values "
                 f"({width} features in {path})"
             )
-    outputs = _tensors(context.config, "output")
     if records is None and values is None:
         raise ModelLoadError(f"model '{name}': kiln_tabular needs a records or a values input")
+    return records, values
+
+
+def _output_name(config: Mapping[str, Any], name: str, width: int, path: Path) -> str:
+    """The one output, FP32 [width]."""
+    outputs = _tensors(config, "output")
     if (
         len(outputs) != 1 or outputs[0].get("data_type") != VALUES_TYPE
         or [int(d) for d in outputs[0].get("dims", ())] != [width]
@@ -473,12 +513,4 @@ def load(context: LoadContext) -> TabularStep:
             f"model '{name}': kiln_tabular has one output, FP32 [{width}] ({width} features in "
             f"{path}); the config declares {got or 'none'}"
         )
-    if int(context.config.get("max_batch_size", 0)) < 1:
-        raise ModelLoadError(f"model '{name}': kiln_tabular needs max_batch_size >= 1")
-    return TabularStep(
-        stats,
-        records_input=records,
-        values_input=values,
-        output=outputs[0]["name"],
-        max_record_bytes=params.max_record_bytes,
-    )
+    return outputs[0]["name"]
