@@ -178,14 +178,37 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     found, missing = decoders()
-    rows: list[dict] = []
     sizes = {f"{w}x{h}": (w, h) for w, h in SIZES}
+    payloads = payloads_for(sizes)
+    rows = decoder_rows(payloads, found, args.seconds, args.repeats)
+    served = served_rows(payloads, sizes, args.seconds, args.repeats)
+    print_tables(rows, served, sizes, missing, args.seconds, args.repeats)
+    if args.json:
+        args.json.write_text(json.dumps({"rows": rows, "served": served, "missing": missing}, indent=2))
+        print(f"\nwrote {args.json}")
+    return 0
+
+
+def payloads_for(sizes: dict[str, tuple[int, int]]) -> dict[tuple[str, str], bytes]:
+    """(format, size label) -> the encoded test image: JPEG at every size, PNG at PNG_SIZES."""
     payloads = {}
     for label, (w, h) in sizes.items():
         pixels = make_image(w, h)
         payloads[("JPEG", label)] = encode(pixels, "JPEG")
         if (w, h) in PNG_SIZES:
             payloads[("PNG", label)] = encode(pixels, "PNG")
+    return payloads
+
+
+def decoder_rows(
+    payloads: dict[tuple[str, str], bytes],
+    found: dict[str, tuple[Callable, Callable]],
+    seconds: float,
+    repeats: int,
+) -> list[dict]:
+    """One row per payload and decoder: decodes and decodes-to-crop per second (every JPEG
+    decoder found; Pillow, and OpenCV when found, for PNG)."""
+    rows: list[dict] = []
 
     def add(fmt: str, label: str, decoder: str, decode: Callable, full: Callable, data: bytes) -> None:
         row = {
@@ -193,8 +216,8 @@ def main(argv: list[str] | None = None) -> int:
             "size": label,
             "bytes": len(data),
             "decoder": decoder,
-            "decode_per_s": rate(lambda: decode(data), 1, args.seconds, args.repeats),
-            "crop_per_s": rate(lambda: full(data), 1, args.seconds, args.repeats),
+            "decode_per_s": rate(lambda: decode(data), 1, seconds, repeats),
+            "crop_per_s": rate(lambda: full(data), 1, seconds, repeats),
         }
         rows.append(row)
         print(
@@ -219,24 +242,41 @@ def main(argv: list[str] | None = None) -> int:
                     )
 
                 add(fmt, label, "opencv", cv_png, lambda b: crop(Image.fromarray(cv_png(b))), data)
+    return rows
 
+
+def served_rows(
+    payloads: dict[tuple[str, str], bytes], sizes: dict[str, tuple[int, int]], seconds: float, repeats: int
+) -> list[dict]:
+    """Images per second of the served step on batches of BATCH JPEGs, jpeg_draft off and on."""
     served = []
     for draft in (False, True):
         step = served_step(draft)
         for label in sizes:
             batch = [payloads[("JPEG", label)]] * BATCH
-            per_s = rate(lambda s=step, b=batch: s.preprocess(b), BATCH, args.seconds, args.repeats)
+            per_s = rate(lambda s=step, b=batch: s.preprocess(b), BATCH, seconds, repeats)
             served.append({"size": label, "jpeg_draft": draft, "images_per_s": per_s})
             print(
                 f"served step, JPEG {label:>9}, jpeg_draft {draft!s:5}: {per_s:8.1f} images/s",
                 file=sys.stderr,
                 flush=True,
             )
+    return served
 
+
+def print_tables(
+    rows: list[dict],
+    served: list[dict],
+    sizes: dict[str, tuple[int, int]],
+    missing: dict[str, str],
+    seconds: float,
+    repeats: int,
+) -> None:
+    """The machine line, the decoder table, the served-step table and the decoders not measured."""
     print(
         f"\nMachine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
         f"load average {os.getloadavg()[0]:.2f}; Pillow {Image.__version__}; "
-        f"median of {args.repeats} rounds of >= {args.seconds} s, one thread.\n"
+        f"median of {repeats} rounds of >= {seconds} s, one thread.\n"
     )
     print("| format | size | file | decoder | decode only (images/s) | decode + resize + crop (images/s) |")
     print("| --- | --- | --- | --- | --- | --- |")
@@ -257,10 +297,6 @@ def main(argv: list[str] | None = None) -> int:
         print(
             "\nNot measured (not importable): " + "; ".join(f"{name}: {why}" for name, why in missing.items())
         )
-    if args.json:
-        args.json.write_text(json.dumps({"rows": rows, "served": served, "missing": missing}, indent=2))
-        print(f"\nwrote {args.json}")
-    return 0
 
 
 if __name__ == "__main__":

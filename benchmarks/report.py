@@ -171,11 +171,17 @@ def vnni_note(machine: dict[str, Any]) -> str:
 
 def write(results: dict[str, Any], out: Path) -> Path:
     """Writes `results.md` and the plots into `out`; returns the Markdown file."""
-    machine = results["machine"]
     plots = plot(results, out)
+    path = out / "results.md"
+    path.write_text("\n".join([*_head(results), *_body(results, plots)]))
+    return path
+
+
+def _head(results: dict[str, Any]) -> list[str]:
+    """The title, the run's conditions, the targets table, what failed and the notes."""
+    machine = results["machine"]
     settings = results["settings"]
-    by_comparison = {n: [c for c in results["cells"] if c["comparison"] == n] for n in range(1, 7)}
-    sections = [
+    lines = [
         f"# kiln benchmark: {results['date_utc']}, commit {results['commit']}\n",
         f"- Machine: {environment.describe_machine(machine)}",
         f"- INT8: {vnni_note(machine)}",
@@ -192,10 +198,17 @@ def write(results: dict[str, Any], out: Path) -> Path:
         "",
     ]
     if results.get("failed"):
-        sections += ["**Comparisons that could not run:**", *[f"- {f}" for f in results["failed"]], ""]
+        lines += ["**Comparisons that could not run:**", *[f"- {f}" for f in results["failed"]], ""]
     if results.get("notes"):
-        sections += [*[f"- {n}" for n in results["notes"]], ""]
-    sections += [
+        lines += [*[f"- {n}" for n in results["notes"]], ""]
+    return lines
+
+
+def _body(results: dict[str, Any], plots: list[str]) -> list[str]:
+    """The sections after the targets: cells per comparison, ensembles, capacity, perf_analyzer,
+    plots, request mixes, commands."""
+    by_comparison = {n: [c for c in results["cells"] if c["comparison"] == n] for n in range(1, 7)}
+    return [
         "## Image classification (targets 1-3)\n",
         cells_table(by_comparison[1] + by_comparison[2] + by_comparison[3]),
         "",
@@ -227,9 +240,6 @@ def write(results: dict[str, Any], out: Path) -> Path:
         "```",
         "",
     ]
-    path = out / "results.md"
-    path.write_text("\n".join(sections))
-    return path
 
 
 def plot(results: dict[str, Any], out: Path) -> list[str]:
@@ -241,10 +251,37 @@ def plot(results: dict[str, Any], out: Path) -> list[str]:
         import matplotlib.pyplot as plt
     except ImportError:
         return []
-    written = []
     closed = [c for c in results["cells"] if c["mode"] == "closed" and c.get("median")]
+    written = [_throughput_plot(plt, results, closed, out / PLOTS[0])]
+    if closed:
+        written.append(_latency_plot(plt, closed, out / PLOTS[1]))
+    cap = results.get("capacity") or {}
+    if cap.get("probes"):
+        written.append(_capacity_plot(plt, cap, out / PLOTS[2]))
+    return written
 
+
+def _throughput_plot(plt: Any, results: dict[str, Any], closed: list[dict[str, Any]], path: Path) -> str:
+    """Image throughput against concurrency (left), batching on / off (right)."""
     fig, (left, right) = plt.subplots(1, 2, figsize=(13, 5))
+    _image_throughput(left, results, closed)
+    batching = [c for c in closed if c["comparison"] == 4]
+    if batching:
+        names = [c["system"] for c in batching]
+        right.bar(range(len(batching)), [c["median"]["throughput"] for c in batching], color="tab:blue")
+        right.set_xticks(range(len(batching)), names, rotation=20, ha="right", fontsize=7)
+        right.set_ylabel("requests / s (median)")
+        right.set_title(f"Dynamic batching on / off (concurrency {batching[0]['level']:g})")
+    else:
+        right.set_visible(False)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path.name
+
+
+def _image_throughput(ax: Any, results: dict[str, Any], closed: list[dict[str, Any]]) -> None:
+    """One line per image system (median, min-max bars), the in-process reference as a level."""
     series: dict[str, list[tuple[float, dict[str, Any]]]] = {}
     for cell in closed:
         if cell["comparison"] in (1, 2, 3):
@@ -257,70 +294,59 @@ def plot(results: dict[str, Any], out: Path) -> list[str]:
         ys = [p[1]["throughput"] for p in points]
         low = [p[1]["throughput"] - p[1]["throughput_min"] for p in points]
         high = [p[1]["throughput_max"] - p[1]["throughput"] for p in points]
-        left.errorbar(xs, ys, yerr=[low, high], marker="o", capsize=3, label=label)
+        ax.errorbar(xs, ys, yerr=[low, high], marker="o", capsize=3, label=label)
     for cell in results["cells"]:
         if cell["mode"] == "in-process" and cell.get("median"):
-            left.axhline(cell["median"]["throughput"], linestyle="--", color="grey", label=cell["system"])
-    left.set_xscale("log", base=2)
+            ax.axhline(cell["median"]["throughput"], linestyle="--", color="grey", label=cell["system"])
+    ax.set_xscale("log", base=2)
     levels = sorted({p[0] for points in series.values() for p in points})
     if levels:
-        left.set_xticks(levels, [f"{x:g}" for x in levels])
-    left.set_xlabel("concurrency (requests in flight)")
-    left.set_ylabel("images / s (median, min-max)")
-    left.set_title("Image classification: throughput against concurrency")
+        ax.set_xticks(levels, [f"{x:g}" for x in levels])
+    ax.set_xlabel("concurrency (requests in flight)")
+    ax.set_ylabel("images / s (median, min-max)")
+    ax.set_title("Image classification: throughput against concurrency")
     if series:
-        left.legend(fontsize=7)
-    batching = [c for c in closed if c["comparison"] == 4]
-    if batching:
-        names = [c["system"] for c in batching]
-        right.bar(range(len(batching)), [c["median"]["throughput"] for c in batching], color="tab:blue")
-        right.set_xticks(range(len(batching)), names, rotation=20, ha="right", fontsize=7)
-        right.set_ylabel("requests / s (median)")
-        right.set_title(f"Dynamic batching on / off (concurrency {batching[0]['level']:g})")
-    else:
-        right.set_visible(False)
+        ax.legend(fontsize=7)
+
+
+def _latency_plot(plt: Any, closed: list[dict[str, Any]], path: Path) -> str:
+    """p50 / p95 / p99 per closed-loop cell."""
+    fig, ax = plt.subplots(figsize=(13, 5))
+    width = 0.27
+    for offset, key in zip((-width, 0, width), ("p50_ms", "p95_ms", "p99_ms"), strict=True):
+        ax.bar(
+            [i + offset for i in range(len(closed))],
+            [c["median"][key] or 0 for c in closed],
+            width,
+            label=key[:3],
+        )
+    ax.set_xticks(range(len(closed)), [c["id"] for c in closed], rotation=45, ha="right", fontsize=6)
+    ax.set_yscale("log")
+    ax.set_ylabel("latency, ms (median of repeats)")
+    ax.set_title("Latency percentiles per cell")
+    ax.legend()
     fig.tight_layout()
-    fig.savefig(out / PLOTS[0], dpi=110)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
-    written.append(PLOTS[0])
+    return path.name
 
-    if closed:
-        fig, ax = plt.subplots(figsize=(13, 5))
-        width = 0.27
-        for offset, key in zip((-width, 0, width), ("p50_ms", "p95_ms", "p99_ms"), strict=True):
-            ax.bar(
-                [i + offset for i in range(len(closed))],
-                [c["median"][key] or 0 for c in closed],
-                width,
-                label=key[:3],
-            )
-        ax.set_xticks(range(len(closed)), [c["id"] for c in closed], rotation=45, ha="right", fontsize=6)
-        ax.set_yscale("log")
-        ax.set_ylabel("latency, ms (median of repeats)")
-        ax.set_title("Latency percentiles per cell")
-        ax.legend()
-        fig.tight_layout()
-        fig.savefig(out / PLOTS[1], dpi=110)
-        plt.close(fig)
-        written.append(PLOTS[1])
 
-    cap = results.get("capacity") or {}
-    if cap.get("probes"):
-        probes = sorted(cap["probes"], key=lambda p: p["rate"])
-        fig, ax = plt.subplots(figsize=(7, 5))
-        ax.plot([p["rate"] for p in probes], [p["p99_ms"] for p in probes], marker="o", label="p99")
-        ax.plot([p["rate"] for p in probes], [p["p50_ms"] for p in probes], marker=".", label="p50")
-        ax.axhline(cap["p99_limit_ms"], color="red", linestyle="--", label=f"{cap['p99_limit_ms']:g} ms")
-        ax.set_xlabel("offered requests / s (open loop)")
-        ax.set_ylabel("latency, ms")
-        ax.set_yscale("log")
-        ax.set_title(f"{cap['model']}: latency against offered rate")
-        ax.legend()
-        fig.tight_layout()
-        fig.savefig(out / PLOTS[2], dpi=110)
-        plt.close(fig)
-        written.append(PLOTS[2])
-    return written
+def _capacity_plot(plt: Any, cap: dict[str, Any], path: Path) -> str:
+    """The capacity probes' p99 and p50 against the offered rate, the limit as a level."""
+    probes = sorted(cap["probes"], key=lambda p: p["rate"])
+    fig, ax = plt.subplots(figsize=(7, 5))
+    ax.plot([p["rate"] for p in probes], [p["p99_ms"] for p in probes], marker="o", label="p99")
+    ax.plot([p["rate"] for p in probes], [p["p50_ms"] for p in probes], marker=".", label="p50")
+    ax.axhline(cap["p99_limit_ms"], color="red", linestyle="--", label=f"{cap['p99_limit_ms']:g} ms")
+    ax.set_xlabel("offered requests / s (open loop)")
+    ax.set_ylabel("latency, ms")
+    ax.set_yscale("log")
+    ax.set_title(f"{cap['model']}: latency against offered rate")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path.name
 
 
 if __name__ == "__main__":

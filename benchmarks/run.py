@@ -44,7 +44,7 @@ import tempfile
 import time
 import traceback
 import urllib.request
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from statistics import median
@@ -52,7 +52,7 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks import inprocess, loadgen, perf, report, variants
+from benchmarks import capacity, inprocess, loadgen, perf, report, variants
 from kiln import paths, tensors
 from loadtests import checks, environment, inputs, wire
 
@@ -525,6 +525,13 @@ class Bench:
         return Plan(id_, 2, system, "HTTP", "closed", concurrency, measure, ("baseline", warm))
 
     def _score_image_targets(self) -> None:
+        """Records targets 1, 2 and 3 from the cells' medians and perf_analyzer's figures."""
+        self._score_serving_efficiency()
+        self._score_against_baseline()
+        self._score_int8_against_fp32()
+
+    def _score_serving_efficiency(self) -> None:
+        """Target 1: kiln INT8 at its best concurrency against the in-process reference."""
         s = self.settings
         grid = sorted({*s.image_grid, s.compare_concurrency})
         saturation = [(self.median_of(f"1/kiln-int8-grpc-c{c}", "throughput") or 0.0, c) for c in grid]
@@ -540,6 +547,10 @@ class Bench:
             cells=["1/reference-int8", best_cell],
             generator_cpu=self.median_of(best_cell, "generator_cpu"),
         )
+
+    def _score_against_baseline(self) -> None:
+        """Target 2: kiln INT8 (and FP32) against the FastAPI baseline over HTTP."""
+        s = self.settings
         c = s.compare_concurrency if s.compare_concurrency in s.http_grid else max(s.http_grid)
         base = f"2/baseline-fp32-http-c{c}"
         kiln8, kiln32 = f"2/kiln-int8-http-c{c}", f"2/kiln-fp32-http-c{c}"
@@ -550,11 +561,7 @@ class Bench:
             2,
             target="kiln INT8 / baseline >= 5x at the same concurrency, p99 no worse",
             ratio=ratio,
-            passed=ratio is not None
-            and ratio >= 5.0
-            and k_p99 is not None
-            and b_p99 is not None
-            and k_p99 <= b_p99,
+            passed=faster_and_no_slower(ratio, 5.0, k_p99, b_p99),
             measured=(
                 f"at concurrency {c} (HTTP): kiln INT8 {_num(k_tp)}/s p99 {_ms(k_p99)}; baseline FP32 "
                 f"{_num(b_tp)}/s p99 {_ms(b_p99)}; FP32 against FP32: kiln {_num(f_tp)}/s p99 {_ms(f_p99)} "
@@ -570,7 +577,10 @@ class Bench:
             cells=[base, kiln8, kiln32],
             generator_cpu=self.median_of(kiln8, "generator_cpu"),
         )
-        c = s.compare_concurrency
+
+    def _score_int8_against_fp32(self) -> None:
+        """Target 3: INT8 against FP32, both served over gRPC (perf_analyzer's ratio beside it)."""
+        c = self.settings.compare_concurrency
         int8_cell, fp32_cell = f"1/kiln-int8-grpc-c{c}", f"3/kiln-fp32-grpc-c{c}"
         i_tp, f_tp = self.median_of(int8_cell, "throughput"), self.median_of(fp32_cell, "throughput")
         pa8, pa32 = self.perf_entry(f"1/pa-int8-c{c}"), self.perf_entry(f"3/pa-fp32-c{c}")
@@ -620,37 +630,7 @@ class Bench:
             plans.append(off)
         self.log(f"target 4: {len(plans)} cells x {self.settings.repeats} repeats")
         self.side_by_side(plans)
-        results = []
-        for model in BATCHING_MODELS:
-            self.pa(
-                4,
-                f"4/pa-{model}-on-c{c}",
-                model,
-                self.input_file(model),
-                concurrency=c,
-                cell=f"4/{model}-on-c{c}",
-            )
-            self.pa(
-                4,
-                f"4/pa-{model}-off-c{c}",
-                model,
-                self.input_file(model),
-                concurrency=c,
-                endpoint=self.nobatch,
-                cell=f"4/{model}-off-c{c}",
-            )
-            on, off = f"4/{model}-on-c{c}", f"4/{model}-off-c{c}"
-            on_tp, off_tp = self.median_of(on, "throughput"), self.median_of(off, "throughput")
-            on_p99, off_p99 = self.median_of(on, "p99_ms"), self.median_of(off, "p99_ms")
-            ratio = on_tp / off_tp if on_tp and off_tp else None
-            passed = (
-                ratio is not None
-                and ratio >= 3.5
-                and on_p99 is not None
-                and off_p99 is not None
-                and on_p99 <= off_p99
-            )
-            results.append((model, ratio, passed, on_tp, off_tp, on_p99, off_p99))
+        results = [self._batching_result(model, c) for model in BATCHING_MODELS]
         self.target(
             4,
             target="on / off >= 3.5x at concurrency 32, p99 no worse",
@@ -667,65 +647,30 @@ class Bench:
             ),
         )
 
+    def _batching_result(self, model: str, c: int) -> tuple[Any, ...]:
+        """perf_analyzer on `model` with batching on and off; (model, ratio, passed, on/s, off/s,
+        on p99, off p99) from the cells' medians."""
+        on, off = f"4/{model}-on-c{c}", f"4/{model}-off-c{c}"
+        self.pa(4, f"4/pa-{model}-on-c{c}", model, self.input_file(model), concurrency=c, cell=on)
+        self.pa(
+            4, f"4/pa-{model}-off-c{c}", model, self.input_file(model), concurrency=c,
+            endpoint=self.nobatch, cell=off,
+        )  # fmt: skip
+        on_tp, off_tp = self.median_of(on, "throughput"), self.median_of(off, "throughput")
+        on_p99, off_p99 = self.median_of(on, "p99_ms"), self.median_of(off, "p99_ms")
+        ratio = on_tp / off_tp if on_tp and off_tp else None
+        passed = faster_and_no_slower(ratio, 3.5, on_p99, off_p99)
+        return (model, ratio, passed, on_tp, off_tp, on_p99, off_p99)
+
     def ensemble_overhead(self) -> None:
         """Target 5: each ensemble against its steps served alone (perf_analyzer), and the
         server-side time per step."""
         assert self.main is not None
         verdicts = []
         for name in self.settings.ensembles:
-            spec = checks.served(name)
-            c = self.settings.ensemble_concurrency.get(name, 16)
-            corpus = self.corpus(name)
-            step_requests = step_tensors(self.main.grpc_url, spec, corpus, STEP_INPUT_ITEMS)
-            slow = name.startswith("image_classifier")
-            whole = self.pa(5, f"5/pa-{name}-c{c}", name, self.input_file(name), concurrency=c, slow=slow)
-            alone = {}
-            for step in spec.steps:
-                requests = step_requests[step.model]
-                per_request = max(sum(int(np.asarray(a).size) for a in requests[0].values()), 1)
-                keep = max(STEP_INPUT_MIN_ITEMS, min(len(requests), STEP_INPUT_ELEMENTS // per_request))
-                path = perf.input_file(
-                    requests[:keep], self.out / "perf_inputs" / f"{name}--{step.model}.json"
-                )
-                alone[step.model] = self.pa(
-                    5, f"5/pa-{name}-step-{step.model}-c{c}", step.model, path, concurrency=c, slow=slow
-                )
-            slowest = min(
-                ((r.throughput, m) for m, r in alone.items() if r.throughput is not None),
-                default=(None, None),
-            )
-            ratio = whole.throughput / slowest[0] if whole.throughput and slowest[0] else None
-            steps = []
-            for step in spec.steps:
-                timing = next((t for t in whole.composing if t.model == step.model), None)
-                steps.append(
-                    {
-                        "model": step.model,
-                        "backend": getattr(checks.served(step.model), "backend", None),
-                        "alone_throughput": alone[step.model].throughput,
-                        "alone_p99_ms": alone[step.model].p99_ms,
-                        "in_ensemble": dataclasses.asdict(timing) if timing else None,
-                        "average_batch": timing.average_batch if timing else None,
-                    }
-                )
-            step_sum = sum(s["in_ensemble"]["total_us"] for s in steps if s["in_ensemble"])
-            self.ensembles.append(
-                {
-                    "ensemble": name,
-                    "concurrency": c,
-                    "throughput": whole.throughput,
-                    "p99_ms": whole.p99_ms,
-                    "server_total_us": whole.server.total_us if whole.server else None,
-                    "steps_total_us": step_sum,
-                    "slowest_step": slowest[1],
-                    "slowest_throughput": slowest[0],
-                    "ratio": ratio,
-                    "steps": steps,
-                    "generator_cpu": whole.generator_cpu,
-                    "error": whole.error,
-                },
-            )
-            verdicts.append((name, ratio, slowest[1]))
+            entry = self._ensemble_entry(name)
+            self.ensembles.append(entry)
+            verdicts.append((name, entry["ratio"], entry["slowest_step"]))
         ratios = [r for _, r, _ in verdicts if r is not None]
         self.target(
             5,
@@ -739,124 +684,138 @@ class Bench:
             generator="perf_analyzer",
         )
 
+    def _ensemble_entry(self, name: str) -> dict[str, Any]:
+        """perf_analyzer on ensemble `name` and on each of its steps alone: the ratio to the slowest
+        step, and each step's server-side time inside the ensemble."""
+        assert self.main is not None
+        spec = checks.served(name)
+        c = self.settings.ensemble_concurrency.get(name, 16)
+        corpus = self.corpus(name)
+        step_requests = step_tensors(self.main.grpc_url, spec, corpus, STEP_INPUT_ITEMS)
+        slow = name.startswith("image_classifier")
+        whole = self.pa(5, f"5/pa-{name}-c{c}", name, self.input_file(name), concurrency=c, slow=slow)
+        alone = {}
+        for step in spec.steps:
+            requests = step_requests[step.model]
+            path = perf.input_file(
+                requests[: step_items_kept(requests)], self.out / "perf_inputs" / f"{name}--{step.model}.json"
+            )
+            alone[step.model] = self.pa(
+                5, f"5/pa-{name}-step-{step.model}-c{c}", step.model, path, concurrency=c, slow=slow
+            )
+        slowest = slowest_step(alone)
+        steps = [_step_breakdown(step.model, whole, alone[step.model]) for step in spec.steps]
+        return {
+            "ensemble": name,
+            "concurrency": c,
+            "throughput": whole.throughput,
+            "p99_ms": whole.p99_ms,
+            "server_total_us": whole.server.total_us if whole.server else None,
+            "steps_total_us": sum(s["in_ensemble"]["total_us"] for s in steps if s["in_ensemble"]),
+            "slowest_step": slowest[1],
+            "slowest_throughput": slowest[0],
+            "ratio": whole.throughput / slowest[0] if whole.throughput and slowest[0] else None,
+            "steps": steps,
+            "generator_cpu": whole.generator_cpu,
+            "error": whole.error,
+        }
+
     def capacity_search(self) -> None:
         """Target 6: the highest open-loop rate of fraud_scorer with p99 under 10 ms."""
         assert self.main is not None
-        s = self.settings
-        model = CAPACITY_MODEL
-        corpus = self.corpus(model)
-
-        def probe(rate: float, seed: int = 0) -> loadgen.Run:
-            target = loadgen.TritonGrpc(self.main.grpc_url, self.mixes[model])  # type: ignore[union-attr]
-            return loadgen.run_open(
-                target,
-                corpus,
-                self.checkers[model],
-                rate,
-                s.capacity_duration_s,
-                s.warmup_s,
-                self.main.pids,
-                seed=seed,  # type: ignore[union-attr]
-            )
-
-        def held(run: loadgen.Run, rate: float) -> bool:
-            return (
-                run.failures == 0
-                and run.p99_ms is not None
-                and run.p99_ms <= CAPACITY_P99_MS
-                and run.throughput >= CAPACITY_MIN_DELIVERED * rate
-            )
-
-        probes: list[dict[str, Any]] = []
-
-        def record(rate: float) -> bool:
-            run = probe(rate)
-            ok = held(run, rate)
-            probes.append({"rate": rate, "held": ok, **run.to_json()})
-            self.log(
-                f"capacity probe {rate:.0f}/s: delivered {run.throughput:.0f}/s, p99 {_ms(run.p99_ms)}, "
-                f"failures {run.failures}, generator CPU {_pct(run.generator_cpu)} -> "
-                + ("held" if ok else "not held")
-            )
-            return ok
-
-        # Doubling up from the start rate (or halving down, when it does not hold), then bisection.
-        low, high = 0.0, None
-        rate = s.capacity_start
-        if record(rate):
-            low = rate
-            while high is None and rate * 2 <= CAPACITY_MAX_RATE:
-                rate *= 2
-                if record(rate):
-                    low = rate
-                else:
-                    high = rate
-        else:
-            high = rate
-            while not low and rate / 2 >= CAPACITY_MIN_RATE:
-                rate /= 2
-                if record(rate):
-                    low = rate
-                else:
-                    high = rate
-        for _ in range(s.capacity_bisections if low and high else 0):
-            mid = (low + high) / 2  # type: ignore[operator]
-            if record(mid):
-                low = mid
-            else:
-                high = mid
+        s, model = self.settings, CAPACITY_MODEL
+        probe = self._capacity_probe(model)
+        search = capacity.Search(
+            s.capacity_start, s.capacity_bisections, CAPACITY_MIN_RATE, CAPACITY_MAX_RATE
+        )
+        bracket = search.run(
+            probe,
+            lambda rate, run: capacity.rate_held(run, rate, CAPACITY_P99_MS, CAPACITY_MIN_DELIVERED),
+            on_probe=self._log_capacity_probe,
+        )
+        self.log(f"capacity search: {bracket.describe()}")
         # Verify with the cell's repeats; when the median misses, once more at a lower rate.
-        candidates = [low] if low else []
-        lower = sorted((p["rate"] for p in probes if p["held"] and p["rate"] < low), reverse=True)
-        candidates += lower[:1] or ([low * 0.8] if low else [])
-        capacity, verify, verified, pa_result = 0.0, {}, False, None
-        for rate in candidates:
-            plan = Plan(
-                f"6/{model}-open-{rate:.0f}", 6, f"{model} at the capacity rate", "gRPC", "open", rate,
-                lambda repeat, rate=rate: probe(rate, seed=repeat),
-            )  # fmt: skip
-            self.side_by_side([plan])
-            verify = self.cells[plan.id]["median"]
-            capacity = rate
-            verified = bool(
-                verify.get("p99_ms") is not None
-                and verify["p99_ms"] <= CAPACITY_P99_MS
-                and verify.get("failures") == 0
-            )
-            if verified:
-                break
-        if capacity:
+        outcome = capacity.verify(
+            bracket.verification_rates(),
+            lambda rate: self._capacity_cell(model, rate, probe),
+            CAPACITY_P99_MS,
+        )
+        pa_result = None
+        if outcome.rate:
             pa_result = self.pa(
-                6, f"6/pa-{model}-rate-{capacity:.0f}", model, self.input_file(model), rate=capacity,
-                cell=f"6/{model}-open-{capacity:.0f}",
+                6, f"6/pa-{model}-rate-{outcome.rate:.0f}", model, self.input_file(model), rate=outcome.rate,
+                cell=f"6/{model}-open-{outcome.rate:.0f}",
             )  # fmt: skip
         self.capacity = {
             "model": model,
             "p99_limit_ms": CAPACITY_P99_MS,
-            "rate": capacity,
-            "probes": probes,
-            "verified": verified,
-            "median_at_rate": verify,
-            "bracket": [low, high],
+            "rate": outcome.rate,
+            "probes": [{"rate": p.rate, "held": p.held, **p.result.to_json()} for p in bracket.probes],
+            "verified": outcome.verified,
+            "median_at_rate": outcome.median,
+            "bracket": [bracket.low, bracket.high],
         }
+        self._score_capacity(model, outcome, bracket, pa_result)
+
+    def _capacity_probe(self, model: str) -> Callable[..., loadgen.Run]:
+        """probe(rate, seed=0): one open-loop run of `model` on the main server at `rate`."""
+        assert self.main is not None
+        endpoint, s, corpus = self.main, self.settings, self.corpus(model)
+
+        def probe(rate: float, seed: int = 0) -> loadgen.Run:
+            target = loadgen.TritonGrpc(endpoint.grpc_url, self.mixes[model])
+            return loadgen.run_open(
+                target, corpus, self.checkers[model], rate, s.capacity_duration_s, s.warmup_s,
+                endpoint.pids, seed=seed,
+            )  # fmt: skip
+
+        return probe
+
+    def _log_capacity_probe(self, probe: capacity.Probe) -> None:
+        """One progress line per probe of the search."""
+        run = probe.result
+        self.log(
+            f"capacity probe {probe.rate:.0f}/s: delivered {run.throughput:.0f}/s, p99 {_ms(run.p99_ms)}, "
+            f"failures {run.failures}, generator CPU {_pct(run.generator_cpu)} -> "
+            + ("held" if probe.held else "not held")
+        )
+
+    def _capacity_cell(self, model: str, rate: float, probe: Callable[..., loadgen.Run]) -> dict[str, Any]:
+        """Measures `rate` with the cell's repeats (side by side); returns the medians."""
+        plan = Plan(
+            f"6/{model}-open-{rate:.0f}", 6, f"{model} at the capacity rate", "gRPC", "open", rate,
+            lambda repeat: probe(rate, seed=repeat),
+        )  # fmt: skip
+        self.side_by_side([plan])
+        return self.cells[plan.id]["median"]
+
+    def _score_capacity(
+        self,
+        model: str,
+        outcome: capacity.Verification,
+        bracket: capacity.Bracket,
+        pa_result: perf.PerfResult | None,
+    ) -> None:
+        """Records target 6: the rate reported, verified or not, with perf_analyzer's figure."""
+        rate, median, high = outcome.rate, outcome.median, bracket.high
+        pa_figure = (
+            f"{_num(pa_result.throughput)}/s, p99 {_ms(pa_result.p99_ms)}"
+            if pa_result and not pa_result.error
+            else "no figure"
+        )
         self.target(
             6,
             target=f"report the highest rate with p99 < {CAPACITY_P99_MS:g} ms",
             ratio=None,
-            passed=verified,
+            passed=outcome.verified,
             report_only=True,
             measured=(
-                f"{capacity:.0f} requests/s (open loop, gRPC): median p99 {_ms(verify.get('p99_ms'))} over "
-                f"{s.repeats} repeats; perf_analyzer at that rate: "
-                + (
-                    f"{_num(pa_result.throughput)}/s, p99 {_ms(pa_result.p99_ms)}"
-                    if pa_result and not pa_result.error
-                    else "no figure"
-                )
+                f"{rate:.0f} requests/s (open loop, gRPC): median p99 {_ms(median.get('p99_ms'))} over "
+                f"{self.settings.repeats} repeats; perf_analyzer at that rate: {pa_figure}"
                 + (f"; the next probe ({high:.0f}/s) did not hold" if high else "")
             ),
-            cells=[f"6/{model}-open-{capacity:.0f}"] if capacity else [],
-            generator_cpu=verify.get("generator_cpu"),
+            cells=[f"6/{model}-open-{rate:.0f}"] if rate else [],
+            generator_cpu=median.get("generator_cpu"),
         )
 
 
@@ -919,6 +878,50 @@ def medians(runs: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
+def faster_and_no_slower(
+    ratio: float | None, minimum: float, p99_ms: float | None, reference_p99_ms: float | None
+) -> bool:
+    """A throughput ratio of at least `minimum` with a p99 no worse than the reference's (targets
+    2 and 4); False when a figure is missing."""
+    return (
+        ratio is not None
+        and ratio >= minimum
+        and p99_ms is not None
+        and reference_p99_ms is not None
+        and p99_ms <= reference_p99_ms
+    )
+
+
+def step_items_kept(requests: Sequence[Mapping[str, Any]]) -> int:
+    """How many of a step's requests its perf_analyzer input file keeps: at most
+    STEP_INPUT_ELEMENTS tensor elements (sized by the first request), at least
+    STEP_INPUT_MIN_ITEMS requests."""
+    per_request = max(sum(int(np.asarray(a).size) for a in requests[0].values()), 1)
+    return max(STEP_INPUT_MIN_ITEMS, min(len(requests), STEP_INPUT_ELEMENTS // per_request))
+
+
+def slowest_step(alone: Mapping[str, perf.PerfResult]) -> tuple[float | None, str | None]:
+    """(throughput, model) of the step with the lowest throughput served alone; (None, None) when
+    no step has a figure."""
+    return min(
+        ((r.throughput, m) for m, r in alone.items() if r.throughput is not None),
+        default=(None, None),
+    )
+
+
+def _step_breakdown(model: str, whole: perf.PerfResult, alone: perf.PerfResult) -> dict[str, Any]:
+    """One step of an ensemble: served alone, and its server-side time inside the ensemble."""
+    timing = next((t for t in whole.composing if t.model == model), None)
+    return {
+        "model": model,
+        "backend": getattr(checks.served(model), "backend", None),
+        "alone_throughput": alone.throughput,
+        "alone_p99_ms": alone.p99_ms,
+        "in_ensemble": dataclasses.asdict(timing) if timing else None,
+        "average_batch": timing.average_batch if timing else None,
+    }
+
+
 def _num(value: float | None) -> str:
     return "-" if value is None else f"{value:.1f}"
 
@@ -977,10 +980,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Runs the benchmark; 0 when it ran (targets may be missed: results.md says which), 1 when
-    a comparison could not run."""
-    args = parse_args(argv)
+def settings_for(args: argparse.Namespace) -> Settings:
+    """QUICK or FULL, with the command line's overrides."""
     settings = QUICK if args.quick else FULL
     overrides: dict[str, Any] = {
         k: v
@@ -989,17 +990,12 @@ def main(argv: list[str] | None = None) -> int:
     }
     if args.ensembles:
         overrides["ensembles"] = tuple(e.strip() for e in args.ensembles.split(",") if e.strip())
-    settings = dataclasses.replace(settings, **overrides)
-    commit = environment.commit()
-    out = args.out or paths.ROOT / "results" / f"bench-{environment.utc_stamp()}-{commit}"
-    out.mkdir(parents=True, exist_ok=True)
-    command_line = " ".join(["python -m benchmarks.run", *(sys.argv[1:] if argv is None else argv)])
-    bench = Bench(args, settings, out)
-    bench.log(f"results go to {out}")
-    machine = environment.machine_info()
-    bench.log(environment.describe_machine(machine))
-    started = time.monotonic()
-    only = {int(x) for x in args.only.split(",") if x.strip()} or {1, 2, 3, 4, 5, 6}
+    return dataclasses.replace(settings, **overrides)
+
+
+def run_comparisons(bench: Bench, only: set[int]) -> list[str]:
+    """Starts the servers, runs the comparisons in `only` (a failed one is reported, the others
+    still run), stops the servers; returns what failed."""
     stack: list[Callable[[], None]] = []
     failed: list[str] = []
     try:
@@ -1029,6 +1025,25 @@ def main(argv: list[str] | None = None) -> int:
                 stop()
             except Exception as error:  # noqa: BLE001
                 bench.log(f"cleanup: {error}")
+    return failed
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Runs the benchmark; 0 when it ran (targets may be missed: results.md says which), 1 when
+    a comparison could not run."""
+    args = parse_args(argv)
+    settings = settings_for(args)
+    commit = environment.commit()
+    out = args.out or paths.ROOT / "results" / f"bench-{environment.utc_stamp()}-{commit}"
+    out.mkdir(parents=True, exist_ok=True)
+    command_line = " ".join(["python -m benchmarks.run", *(sys.argv[1:] if argv is None else argv)])
+    bench = Bench(args, settings, out)
+    bench.log(f"results go to {out}")
+    machine = environment.machine_info()
+    bench.log(environment.describe_machine(machine))
+    started = time.monotonic()
+    only = {int(x) for x in args.only.split(",") if x.strip()} or {1, 2, 3, 4, 5, 6}
+    failed = run_comparisons(bench, only)
     results = {
         "date_utc": environment.utc_stamp(),
         "commit": commit,

@@ -120,7 +120,8 @@ def table(rows: Sequence[tuple[str, float, float, dict[str, float]]]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """The command line (see the module docstring)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=DEFAULT_REPEATS, help="timed calls per cell (median)")
     parser.add_argument(
@@ -137,8 +138,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         default=list(DEFAULT_SIZES_MB),
         help=f"identity payload sizes in MiB, 1..{IDENTITY_MAX_BATCH} (none: skip)",
     )
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
 
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="kiln-shm-bench-") as tmp:
         repository = Path(tmp)
         models = []
@@ -158,27 +162,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             load_models=models,
             exit_timeout=5,
         ) as server:
-            clients = {
-                "http": Client(f"http://{server.http_url}", timeout=TIMEOUT_S),
-                "grpc": Client(f"grpc://{server.grpc_url}", timeout=TIMEOUT_S),
-            }
-            rows = []
-            try:
-                rng = np.random.default_rng(0)
-                for batch in args.batches:
-                    images = rng.random((batch, *IMAGE_SHAPE), dtype=np.float32)
-                    print(f"resnet50 batch {batch} ...", file=sys.stderr)
-                    times = measure(clients, RESNET50, {tensors.RESNET50_IMAGES: images}, args.repeats)
-                    out_mb = batch * RESNET50_CLASSES * 4 / MB
-                    rows.append((f"resnet50 FP32 batch {batch}", images.nbytes / MB, out_mb, times))
-                for size in args.sizes_mb:
-                    values = rng.random((size, IDENTITY_ROW), dtype=np.float32)
-                    print(f"identity {size} MiB ...", file=sys.stderr)
-                    times = measure(clients, IDENTITY, {IDENTITY_INPUT: values}, args.repeats)
-                    rows.append((f"identity {size} MiB", values.nbytes / MB, values.nbytes / MB, times))
-            finally:
-                for client in clients.values():
-                    client.close()
+            rows = measure_payloads(server, args.batches, args.sizes_mb, args.repeats)
     print(
         f"Shared memory vs plain requests, `Client.infer`, median of {args.repeats} calls after a "
         f"warm-up, the four ways interleaved ({platform.machine()}, {os.cpu_count()} CPUs, server and "
@@ -186,6 +170,35 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     print(table(rows))
     return 0
+
+
+def measure_payloads(
+    server: TritonServer, batches: Sequence[int], sizes_mb: Sequence[int], repeats: int
+) -> list[tuple[str, float, float, dict[str, float]]]:
+    """The table's rows: resnet50 at each batch size, then identity at each size in MiB, each
+    timed four ways (`measure`) through one HTTP and one gRPC client."""
+    clients = {
+        "http": Client(f"http://{server.http_url}", timeout=TIMEOUT_S),
+        "grpc": Client(f"grpc://{server.grpc_url}", timeout=TIMEOUT_S),
+    }
+    rows = []
+    try:
+        rng = np.random.default_rng(0)
+        for batch in batches:
+            images = rng.random((batch, *IMAGE_SHAPE), dtype=np.float32)
+            print(f"resnet50 batch {batch} ...", file=sys.stderr)
+            times = measure(clients, RESNET50, {tensors.RESNET50_IMAGES: images}, repeats)
+            out_mb = batch * RESNET50_CLASSES * 4 / MB
+            rows.append((f"resnet50 FP32 batch {batch}", images.nbytes / MB, out_mb, times))
+        for size in sizes_mb:
+            values = rng.random((size, IDENTITY_ROW), dtype=np.float32)
+            print(f"identity {size} MiB ...", file=sys.stderr)
+            times = measure(clients, IDENTITY, {IDENTITY_INPUT: values}, repeats)
+            rows.append((f"identity {size} MiB", values.nbytes / MB, values.nbytes / MB, times))
+    finally:
+        for client in clients.values():
+            client.close()
+    return rows
 
 
 if __name__ == "__main__":

@@ -48,7 +48,7 @@ import numpy as np
 
 from kiln.build.check import BuildError, Comparison, assert_close, onnx_runner, run_batched
 from kiln.build.publish import write_bytes_atomic, write_json_atomic
-from kiln.spec import ModelSpec, Tolerance
+from kiln.spec import ModelSpec, TensorSpec, Tolerance
 
 Progress = Callable[[str], None]
 Shape = tuple[int, ...]
@@ -205,18 +205,9 @@ def optimization_profile(
             no -1 dim.
     """
     ranges = dict(dim_ranges or {})
-    batched = spec.max_batch_size > 0
     problems: list[str] = []
-    if batched:
-        opt = default_opt_batch(spec) if opt_batch is None else opt_batch
-        if isinstance(opt, bool) or not isinstance(opt, int) or not 1 <= opt <= spec.max_batch_size:
-            problems.append(
-                f"opt_batch must be an integer in 1..{spec.max_batch_size} (max_batch_size), "
-                f"got {opt!r}"
-            )
-            opt = spec.max_batch_size
-    elif opt_batch is not None:
-        problems.append(f"opt_batch must be None for a model without a batch dim, got {opt_batch!r}")
+    opt = _opt_batch(spec, opt_batch, problems)
+    batch = (1, opt, spec.max_batch_size) if spec.max_batch_size > 0 else None
     variable = {t.name for t in spec.inputs if -1 in t.dims}
     for name in ranges:
         if name not in {t.name for t in spec.inputs}:
@@ -228,32 +219,60 @@ def optimization_profile(
             problems.append(f"dim_ranges gives a range for input {name!r}, which has no -1 dim")
     profile: dict[str, ProfileShapes] = {}
     for tensor in spec.inputs:
-        dim_range = ranges.get(tensor.name)
-        if tensor.name in variable:
-            if dim_range is None:
-                problems.append(
-                    f"input {tensor.name!r} has a variable (-1) dim in dims {list(tensor.dims)}: "
-                    f"TensorRT needs its (min, opt, max) size; pass dim_ranges={{{tensor.name!r}: "
-                    "(min, opt, max)}"
-                )
-                continue
-            if not _valid_range(dim_range):
-                problems.append(
-                    f"dim_ranges[{tensor.name!r}] must be (min, opt, max) integers with "
-                    f"1 <= min <= opt <= max, got {dim_range!r}"
-                )
-                continue
-        shapes = []
-        for which in range(3):
-            item = tuple(dim_range[which] if d == -1 else d for d in tensor.dims)  # type: ignore[index]
-            if batched:
-                batch = (1, opt, spec.max_batch_size)[which]
-                item = (batch, *item)
-            shapes.append(item)
-        profile[tensor.name] = (shapes[0], shapes[1], shapes[2])
+        shapes = _input_shapes(tensor, ranges.get(tensor.name), tensor.name in variable, batch, problems)
+        if shapes is not None:
+            profile[tensor.name] = shapes
     if problems:
         raise EngineError(spec.name, "bad optimization profile: " + "; ".join(problems))
     return profile
+
+
+def _opt_batch(spec: ModelSpec, opt_batch: int | None, problems: list[str]) -> int:
+    """The profile's opt batch: `opt_batch` or the default (max_batch_size after a problem, which
+    goes to `problems`; 0 without a batch dim)."""
+    if spec.max_batch_size <= 0:
+        if opt_batch is not None:
+            problems.append(f"opt_batch must be None for a model without a batch dim, got {opt_batch!r}")
+        return 0
+    opt = default_opt_batch(spec) if opt_batch is None else opt_batch
+    if isinstance(opt, bool) or not isinstance(opt, int) or not 1 <= opt <= spec.max_batch_size:
+        problems.append(
+            f"opt_batch must be an integer in 1..{spec.max_batch_size} (max_batch_size), got {opt!r}"
+        )
+        return spec.max_batch_size
+    return opt
+
+
+def _input_shapes(
+    tensor: TensorSpec,
+    dim_range: Any,
+    variable: bool,
+    batch: DimRange | None,
+    problems: list[str],
+) -> ProfileShapes | None:
+    """(min, opt, max) shape of one input: its -1 dims take `dim_range`, its batch dim `batch`
+    (None without one); None, with the problem in `problems`, when its range is missing or bad."""
+    if variable:
+        if dim_range is None:
+            problems.append(
+                f"input {tensor.name!r} has a variable (-1) dim in dims {list(tensor.dims)}: "
+                f"TensorRT needs its (min, opt, max) size; pass dim_ranges={{{tensor.name!r}: "
+                "(min, opt, max)}"
+            )
+            return None
+        if not _valid_range(dim_range):
+            problems.append(
+                f"dim_ranges[{tensor.name!r}] must be (min, opt, max) integers with "
+                f"1 <= min <= opt <= max, got {dim_range!r}"
+            )
+            return None
+    shapes = []
+    for which in range(3):
+        item = tuple(dim_range[which] if d == -1 else d for d in tensor.dims)
+        if batch is not None:
+            item = (batch[which], *item)
+        shapes.append(item)
+    return (shapes[0], shapes[1], shapes[2])
 
 
 def describe_profile(profile: Mapping[str, ProfileShapes]) -> str:
@@ -569,11 +588,73 @@ def build_engine(
     trt = _load_tensorrt()
     recipe = engine_recipe(precision, _major(trt.__version__), strongly_typed=strongly_typed)
     onnx_path, dest = Path(onnx_path), Path(dest)
-    say = progress or (lambda line: None)
+    cache = None if timing_cache_path is None else Path(timing_cache_path)
+    plan, build_seconds = _build_plan(trt, spec, recipe, onnx_path, profile, workspace_bytes, cache, progress)
+    write_bytes_atomic(dest, plan)
+    gpu_name, capability = _gpu()
+    record = EngineRecord(
+        model=spec.name, precision=precision, plan=str(dest), onnx=str(onnx_path),
+        tensorrt_version=str(trt.__version__), gpu_name=gpu_name, compute_capability=capability,
+        builder_flags=recipe.builder_flags, strongly_typed=recipe.strongly_typed, profile=dict(profile),
+        workspace_bytes=workspace_bytes, timing_cache=None if cache is None else str(cache),
+        build_seconds=build_seconds, built_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        plan_sha256=hashlib.sha256(plan).hexdigest(), plan_size_bytes=len(plan),
+    )  # fmt: skip
+    write_record(record)
+    return record
+
+
+def _build_plan(
+    trt: ModuleType,
+    spec: ModelSpec,
+    recipe: EngineRecipe,
+    onnx_path: Path,
+    profile: Mapping[str, ProfileShapes],
+    workspace_bytes: int,
+    timing_cache_path: Path | None,
+    progress: Progress | None,
+) -> tuple[bytes, float]:
+    """Parses, configures and builds: (the serialized plan, seconds of parse + build). The timing
+    cache, when given, is loaded before the build and written back after it."""
     logger = _logger(trt)
     start = time.perf_counter()
-
     builder = trt.Builder(logger)
+    network = _parse_network(trt, builder, logger, spec, recipe, onnx_path, profile)
+    config = builder.create_builder_config()
+    for flag in recipe.builder_flags:
+        config.set_flag(getattr(trt.BuilderFlag, flag))
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_bytes)
+    optimization = builder.create_optimization_profile()
+    for name, (low, opt, high) in profile.items():
+        optimization.set_shape(name, low, opt, high)
+    config.add_optimization_profile(optimization)
+    if timing_cache_path is not None:
+        _attach_timing_cache(config, timing_cache_path, progress or (lambda line: None))
+    serialized = builder.build_serialized_network(network, config)
+    if serialized is None:
+        raise EngineError(
+            spec.name,
+            f"TensorRT could not build the {recipe.precision} engine from {onnx_path}: "
+            + ("; ".join(logger.errors) or "no error reported"),
+        )
+    plan = bytes(memoryview(serialized))
+    build_seconds = time.perf_counter() - start
+    if timing_cache_path is not None:
+        write_bytes_atomic(timing_cache_path, bytes(memoryview(config.get_timing_cache().serialize())))
+    return plan, build_seconds
+
+
+def _parse_network(
+    trt: ModuleType,
+    builder: Any,
+    logger: Any,
+    spec: ModelSpec,
+    recipe: EngineRecipe,
+    onnx_path: Path,
+    profile: Mapping[str, ProfileShapes],
+) -> Any:
+    """The network parsed from `onnx_path` (strongly typed when the recipe says so on TensorRT 10);
+    its inputs must be the profile's."""
     flags = 0
     if recipe.strongly_typed and _major(trt.__version__) < STRONGLY_TYPED_ONLY_MAJOR:
         flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
@@ -583,7 +664,7 @@ def build_engine(
         errors = _parser_errors(parser) or logger.errors or ["no error reported"]
         raise EngineError(
             spec.name,
-            f"TensorRT's ONNX parser rejected {onnx_path} ({precision} engine): " + "; ".join(errors),
+            f"TensorRT's ONNX parser rejected {onnx_path} ({recipe.precision} engine): " + "; ".join(errors),
         )
     network_inputs = [network.get_input(i).name for i in range(network.num_inputs)]
     if set(network_inputs) != set(profile):
@@ -592,66 +673,23 @@ def build_engine(
             f"the optimization profile covers inputs {sorted(profile)}, the network of "
             f"{onnx_path} has inputs {sorted(network_inputs)}",
         )
+    return network
 
-    config = builder.create_builder_config()
-    for flag in recipe.builder_flags:
-        config.set_flag(getattr(trt.BuilderFlag, flag))
-    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_bytes)
-    optimization = builder.create_optimization_profile()
-    for name, (low, opt, high) in profile.items():
-        optimization.set_shape(name, low, opt, high)
-    config.add_optimization_profile(optimization)
 
-    if timing_cache_path is not None:
-        timing_cache_path = Path(timing_cache_path)
-        cached = timing_cache_path.read_bytes() if timing_cache_path.is_file() else b""
-        if cached:
-            # A cache of another TensorRT version or GPU fails to load (None) or to attach (False).
-            cache = config.create_timing_cache(cached)
-            if cache is not None and config.set_timing_cache(cache, ignore_mismatch=False):
-                say(f"timing cache {timing_cache_path} loaded ({len(cached)} bytes)")
-            else:
-                say(
-                    f"timing cache {timing_cache_path} was made by another TensorRT or GPU; "
-                    "starting an empty one"
-                )
-                cached = b""
-        if not cached:
-            config.set_timing_cache(config.create_timing_cache(b""), ignore_mismatch=False)
-
-    serialized = builder.build_serialized_network(network, config)
-    if serialized is None:
-        raise EngineError(
-            spec.name,
-            f"TensorRT could not build the {precision} engine from {onnx_path}: "
-            + ("; ".join(logger.errors) or "no error reported"),
-        )
-    plan = bytes(memoryview(serialized))
-    build_seconds = time.perf_counter() - start
-    if timing_cache_path is not None:
-        write_bytes_atomic(timing_cache_path, bytes(memoryview(config.get_timing_cache().serialize())))
-    write_bytes_atomic(dest, plan)
-    gpu_name, capability = _gpu()
-    record = EngineRecord(
-        model=spec.name,
-        precision=precision,
-        plan=str(dest),
-        onnx=str(onnx_path),
-        tensorrt_version=str(trt.__version__),
-        gpu_name=gpu_name,
-        compute_capability=capability,
-        builder_flags=recipe.builder_flags,
-        strongly_typed=recipe.strongly_typed,
-        profile=dict(profile),
-        workspace_bytes=workspace_bytes,
-        timing_cache=None if timing_cache_path is None else str(timing_cache_path),
-        build_seconds=build_seconds,
-        built_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        plan_sha256=hashlib.sha256(plan).hexdigest(),
-        plan_size_bytes=len(plan),
-    )
-    write_record(record)
-    return record
+def _attach_timing_cache(config: Any, path: Path, say: Progress) -> None:
+    """Loads the timing cache at `path` into `config`, or an empty one when there is none or it
+    was made by another TensorRT or GPU."""
+    cached = path.read_bytes() if path.is_file() else b""
+    if cached:
+        # A cache of another TensorRT version or GPU fails to load (None) or to attach (False).
+        cache = config.create_timing_cache(cached)
+        if cache is not None and config.set_timing_cache(cache, ignore_mismatch=False):
+            say(f"timing cache {path} loaded ({len(cached)} bytes)")
+        else:
+            say(f"timing cache {path} was made by another TensorRT or GPU; starting an empty one")
+            cached = b""
+    if not cached:
+        config.set_timing_cache(config.create_timing_cache(b""), ignore_mismatch=False)
 
 
 # --- running and checking --------------------------------------------------------------------
@@ -837,7 +875,8 @@ def compile_stage(
         EngineError: bad profile settings, or an engine failed to build or load.
         CheckError: an engine's outputs differ from ONNX Runtime's beyond the tolerance.
     """
-    tag = f"[{spec.name}] tensorrt"
+    # Over 60 lines only for its signature and docstring (the stage's contract, 13 parameters);
+    # each engine's build and check is `_Engines.build_and_check`.
     profile = optimization_profile(spec, opt_batch, dim_ranges)
     unknown = [p for p in precisions if p not in RECIPE_PRECISIONS]
     if unknown:
@@ -850,49 +889,74 @@ def compile_stage(
     if not available:
         progress(SKIP_LINE.format(model=spec.name, reason=reason))
         return []
-    trt = _load_tensorrt()
-    major = _major(trt.__version__)
+    major = _major(_load_tensorrt().__version__)
     workdir = Path(workdir)
     cache = Path(timing_cache_path) if timing_cache_path is not None else workdir / TIMING_CACHE_NAME
-    progress(f"{tag}: {reason}; profile {describe_profile(profile)}")
+    engines = _Engines(spec, workdir, profile, cache, workspace_bytes, strongly_typed, inputs, progress)
+    progress(f"{engines.tag}: {reason}; profile {describe_profile(profile)}")
     records = []
     for precision in precisions:
         recipe = engine_recipe(precision, major, strongly_typed=strongly_typed)
         source = onnx_artifacts.get(recipe.onnx_variant)
         if source is None:
             progress(
-                f"{tag} {precision}: skipped: built {recipe.describe()}, and this build made no "
+                f"{engines.tag} {precision}: skipped: built {recipe.describe()}, and this build made no "
                 f"{recipe.onnx_variant} ONNX"
             )
             continue
         if precision not in tolerances:
             raise EngineError(spec.name, f"no check tolerance for the {precision} engine")
+        records.append(engines.build_and_check(recipe, source, tolerances[precision]))
+    return records
+
+
+@dataclass(frozen=True)
+class _Engines:
+    """What the engines of one `compile_stage` call share."""
+
+    spec: ModelSpec
+    workdir: Path
+    profile: Mapping[str, ProfileShapes]
+    timing_cache_path: Path
+    workspace_bytes: int
+    strongly_typed: bool
+    inputs: Sequence[np.ndarray]
+    progress: Progress
+
+    @property
+    def tag(self) -> str:
+        """The prefix of every progress line: "[model] tensorrt"."""
+        return f"[{self.spec.name}] tensorrt"
+
+    def build_and_check(self, recipe: EngineRecipe, source: Path | str, tol: Tolerance) -> EngineRecord:
+        """Builds the engine of `recipe` from `source`, checks it against ONNX Runtime on the
+        held-out inputs within `tol`, and writes its record with the check."""
+        tag, progress, precision = self.tag, self.progress, recipe.precision
         progress(f"{tag} {precision}: building {recipe.describe()} ({Path(source).name})")
         record = build_engine(
             Path(source),
-            spec,
+            self.spec,
             precision,
-            plan_path(workdir, precision),
-            profile=profile,
-            timing_cache_path=cache,
-            workspace_bytes=workspace_bytes,
-            strongly_typed=strongly_typed,
-            progress=lambda line, p=precision: progress(f"{tag} {p}:   {line}"),
+            plan_path(self.workdir, precision),
+            profile=self.profile,
+            timing_cache_path=self.timing_cache_path,
+            workspace_bytes=self.workspace_bytes,
+            strongly_typed=self.strongly_typed,
+            progress=lambda line: progress(f"{tag} {precision}:   {line}"),
         )
         progress(
             f"{tag} {precision}: {record.plan} ({_size(record.plan_size_bytes)}, sha256 "
             f"{record.plan_sha256[:12]}) for {record.gpu_name} (compute {record.compute_capability}), "
             f"TensorRT {record.tensorrt_version}  [{record.build_seconds:.1f} s]"
         )
-        tol = tolerances[precision]
         comparison = check_engine(
-            Path(record.plan), Path(source), spec, inputs, tol, precision=precision
+            Path(record.plan), Path(source), self.spec, self.inputs, tol, precision=precision
         )
         record = replace(
             record,
             check=EngineCheck(
                 reference=str(source),
-                items=int(inputs[0].shape[0]),
+                items=int(self.inputs[0].shape[0]),
                 worst_output=comparison.worst.name,
                 max_abs=comparison.max_abs,
                 max_rel=comparison.max_rel,
@@ -907,5 +971,4 @@ def compile_stage(
             f"max rel error {comparison.max_rel:.2g} (atol {tol.atol:g}, rtol {tol.rtol:g}); "
             f"record {record_path(Path(record.plan))}"
         )
-        records.append(record)
-    return records
+        return record
