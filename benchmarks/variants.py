@@ -78,20 +78,20 @@ def variant_repository(
     Args:
         dest: The new repository folder.
         transform: Applied to every spec before generating (see the module docstring).
-        specs: The specs (default: every spec of `kiln.build.specs`).
+        specs: The specs (default: every served spec, `kiln.registry.specs()`).
         source: The built repository whose artifacts are linked (default: the model repository).
 
     Raises:
         FileNotFoundError: a built model's artifacts are missing from `source`.
     """
-    from kiln.build.specs import SPECS
+    from kiln.registry import specs as served
 
     source = Path(source) if source is not None else paths.model_repository()
     dest = Path(dest)
     if dest.exists():
         shutil.rmtree(dest)
     dest.mkdir(parents=True)
-    changed = [transform(spec) for spec in (specs if specs is not None else SPECS)]
+    changed = [transform(spec) for spec in (specs if specs is not None else served())]
     generate(changed, dest, backends=paths.available_backends())
     for spec in served_specs(changed):
         if spec.build is None:

@@ -5,7 +5,7 @@
     up to date?  the manifest's source hash equals this build's, and every variant's artifact,
                  published copy and extra file still has its recorded sha256: nothing is rebuilt
                  (unless `force`)
-    train        the source stage (e.g. `kiln.build.digits`) trains the model, saves the checkpoint;
+    train        the source stage (e.g. `kiln.models.digits.build`) trains the model, saves the checkpoint;
                  the held-out metric must reach `build.min_accuracy`. A source that already is
                  ONNX (its stage has `export_onnx`) is not trained: see `SourceStage`
     export       `kiln.build.export`: ONNX with the spec's names, symbolic batch dim, spec's opset
@@ -25,8 +25,9 @@
 
 Any failure raises a `BuildError` naming the model and the stage; nothing is published before
 every variant has passed, so the published artifacts and manifest of the last good build stay as
-they were. A source stage is a module (see `SourceStage`) registered in `SOURCES` under the spec
-class it builds; the precisions a spec may ask for are `VARIANTS`.
+they were. A source stage is a module (see `SourceStage`): a model folder's `build.py`, found
+through the source class it builds (`stage_entry`); the precisions a spec may ask for are
+`VARIANTS`.
 
 Only the standard library, numpy and kiln's core modules are imported at module level, so the
 `kiln` CLI registers `build` without torch installed (running it then says to install
@@ -54,13 +55,8 @@ from kiln.build.check import BudgetError, BuildError, CheckError, HeldOut
 from kiln.spec import (
     PRECISIONS,
     CheckpointSource,
-    DigitsCNNSource,
-    FraudMLPSource,
     ModelSpec,
     OnnxFileSource,
-    ResNet50Source,
-    SpecError,
-    TextEncoderSource,
     Variant,
     served_name,
     validate,
@@ -100,15 +96,30 @@ class SourceEntry:
 
 
 SOURCES: dict[type, SourceEntry] = {
-    DigitsCNNSource: SourceEntry("kiln.build.digits", tools=("scikit-learn",)),
-    FraudMLPSource: SourceEntry("kiln.build.fraud", tools=("scikit-learn",)),
-    TextEncoderSource: SourceEntry("kiln.build.text_encoder", tools=("tokenizers",)),
-    ResNet50Source: SourceEntry("kiln.build.resnet50", tools=("scikit-image", "pillow")),
     CheckpointSource: SourceEntry("kiln.build.user_source"),
     OnnxFileSource: SourceEntry("kiln.build.user_source"),
 }
-"""Source spec class -> its source stage. Listed here, not imported, so an up-to-date check
+"""The generic sources -> their source stage. A model folder's own source class is built by the
+folder's `build.py` (or the module its `stage` class attribute names), with the distributions its
+`tools` class attribute names; see `stage_entry`. Named, not imported, so an up-to-date check
 hashes the stage's code without importing torch."""
+
+
+def stage_entry(source: Any) -> SourceEntry:
+    """Where `source` is built: a generic source's stage, else the `build` module beside the
+    module defining its class (a model folder's `spec.py` -> that folder's `build.py`)."""
+    kind = type(source)
+    if kind in SOURCES:
+        return SOURCES[kind]
+    default = f"{kind.__module__.rpartition('.')[0]}.build"
+    return SourceEntry(getattr(kind, "stage", default), tuple(getattr(kind, "tools", ())))
+
+
+def _has_stage(source: Any) -> bool:
+    try:
+        return importlib.util.find_spec(stage_entry(source).module) is not None
+    except ModuleNotFoundError:
+        return False
 EXPORT_MODULE = "kiln.build.export"
 TRAINING_MODULE = "kiln.build.training"
 """The seeded block every PyTorch source trains or initializes in; hashed with the source."""
@@ -139,7 +150,7 @@ Progress = Callable[[str], None]
 
 
 class SourceStage(Protocol):
-    """What a source-stage module provides (`kiln.build.digits` is one).
+    """What a source-stage module provides (`kiln.models.digits.build` is one).
 
     Its code is hashed into the source hash: a change to it rebuilds the model.
 
@@ -168,7 +179,7 @@ class SourceStage(Protocol):
       recorded per served variant in the manifest, and a changed or missing published file
       rebuilds the model.
     - `derived(source, model, workdir: Path) -> dict[str, tuple[Path, dict]]`: values chosen
-      from the trained model's held-out outputs (e.g. `kiln.build.fraud`'s decision threshold),
+      from the trained model's held-out outputs (e.g. `kiln.models.fraud.build`'s decision threshold),
       which depend on the trained weights and so on the CPU that trained them: never written into
       a spec. Each is a JSON document written into `workdir` and published like an extra file;
       the document (the value, the `rule` that chose it, the `evidence`) is also recorded under
@@ -243,7 +254,7 @@ class BuildResult:
 def source_stage(spec: ModelSpec) -> SourceStage:
     """The source-stage module that builds `spec` (imported: this imports torch)."""
     assert spec.build is not None
-    module: ModuleType = importlib.import_module(SOURCES[type(spec.build.source)].module)
+    module: ModuleType = importlib.import_module(stage_entry(spec.build.source).module)
     return module  # type: ignore[return-value]
 
 
@@ -373,7 +384,7 @@ def _hash_inputs(spec: ModelSpec, exporter: str | None) -> dict[str, Any]:
     from kiln.build import publish
 
     assert spec.build is not None
-    entry = SOURCES[type(spec.build.source)]
+    entry = stage_entry(spec.build.source)
     source_file = _module_file(entry.module)
     code = {
         f"source:{source_file.name}": source_file,
@@ -682,45 +693,85 @@ def _build_model(
     repository: Path,
     exporter: str | None,
 ) -> list[BuildResult]:
-    from kiln.build import check, publish  # numpy and the standard library only
+    """One model through its stages: freshness, source (train/export), check, derive, variants,
+    tensorrt, publish; each stage below is its own function."""
+    from kiln.build import publish  # numpy and the standard library only
 
     assert spec.build is not None
-    build_spec = spec.build
-    name = spec.name
-    tag = f"[{name}]"
-
     inputs = _hash_inputs(spec, exporter)
-    expected = publish.source_hash(inputs)
-    manifest_file = publish.manifest_path(name, artifacts)
-    state = publish.freshness(name, expected, artifacts=artifacts, repository=repository)
+    state = publish.freshness(
+        spec.name, publish.source_hash(inputs), artifacts=artifacts, repository=repository
+    )
     if state.up_to_date and not force:
-        assert state.manifest is not None
-        log.say(
-            f"{tag} up to date: source hash {expected[:12]} unchanged, every variant's artifact "
-            f"sha256 verified ({', '.join(state.manifest['variants'])}); nothing to rebuild"
-        )
-        return _results_from_manifest(
-            spec, state.manifest, artifacts=artifacts, repository=repository,
-            manifest_file=manifest_file,
-        )
+        return _up_to_date(spec, state, publish.source_hash(inputs), log, artifacts, repository)
     reason = "forced (--force)" if force else state.reason
-    log.say(f"{tag} building ({reason}): variants {', '.join(v.precision for v in build_spec.variants)}")
+    variants = ", ".join(v.precision for v in spec.build.variants)
+    log.say(f"[{spec.name}] building ({reason}): variants {variants}")
 
     stage = source_stage(spec)  # imports torch
     log.timings.clear()
     reference, exported = _reference(spec, stage, log=log, artifacts=artifacts, exporter=exporter)
-    held = reference.held
-    minimum = build_spec.min_accuracy
+    built = [_check_stage(spec, reference, exported, log, artifacts)]
+    extra, derived = _source_files(stage, spec, reference, artifacts, log)
+    for index, variant in enumerate(spec.build.variants[1:], start=1):
+        built.append(
+            _build_variant(
+                spec, variant, index, stage=stage, reference=reference, fp32=exported, log=log,
+                artifacts=artifacts,
+            )
+        )
+    with log.stage("tensorrt"):
+        engines = _tensorrt_stage(
+            spec, {b.precision: b.artifact for b in built},
+            publish.model_artifacts(spec.name, artifacts), reference.held, log,
+        )
+    if not engines:
+        del log.timings["tensorrt"]
+    published = _publish_stage(
+        spec, built, reference, _Outputs(extra, derived, engines), inputs, state.manifest, log,
+        artifacts=artifacts, repository=repository,
+    )
+    return _built_results(spec, built, reference, published, reason, dict(log.timings))
 
+
+def _up_to_date(
+    spec: ModelSpec, state: Any, expected: str, log: _Log, artifacts: Path, repository: Path
+) -> list[BuildResult]:
+    """The freshness stage's answer when nothing changed: the recorded results, rebuilt from the
+    manifest (every artifact's sha256 was verified by `publish.freshness`)."""
+    from kiln.build import publish
+
+    assert state.manifest is not None
+    log.say(
+        f"[{spec.name}] up to date: source hash {expected[:12]} unchanged, every variant's artifact "
+        f"sha256 verified ({', '.join(state.manifest['variants'])}); nothing to rebuild"
+    )
+    return _results_from_manifest(
+        spec, state.manifest, artifacts=artifacts, repository=repository,
+        manifest_file=publish.manifest_path(spec.name, artifacts),
+    )
+
+
+def _check_stage(
+    spec: ModelSpec, reference: _Reference, exported: Path, log: _Log, artifacts: Path
+) -> _Built:
+    """The check stage: the exported FP32 model on ONNX Runtime (through kiln_onnx's loader)
+    against the reference within the spec's tolerance, its metric against `min_accuracy`, its
+    batch-1 latency. Returns the FP32 variant."""
+    from kiln.build import check
+
+    assert spec.build is not None
+    build_spec, held, name = spec.build, reference.held, spec.name
+    reference_name = reference.name.removeprefix("FP32 ")
     with log.stage("check"):
         run = check.artifact_runner(exported, spec)
         candidate = check.run_batched(run, spec, held.inputs)
         reference_outputs = [reference.outputs[t.name] for t in spec.outputs]
         comparison = check.assert_close(
-            name, candidate, reference.outputs, build_spec.tolerance,
-            reference_name=reference.name.removeprefix("FP32 "),
+            name, candidate, reference.outputs, build_spec.tolerance, reference_name=reference_name
         )
         metric_onnx = held.score([candidate[t.name] for t in spec.outputs], reference_outputs)
+        minimum = build_spec.min_accuracy
         if minimum is not None and metric_onnx < minimum:
             raise AccuracyError(
                 name,
@@ -731,61 +782,73 @@ def _build_model(
         latency = check.latency_ms(run, spec, held.inputs)
     tol = build_spec.tolerance
     log.say(
-        f"{tag} check: ONNX Runtime vs {reference.name.removeprefix('FP32 ')} on {held.size} "
+        f"[{name}] check: ONNX Runtime vs {reference_name} on {held.size} "
         f"held-out items: max abs error {comparison.max_abs:.2g}, max rel error "
         f"{comparison.max_rel:.2g} (atol {tol.atol:g}, rtol {tol.rtol:g}); ONNX Runtime "
         f"{held.metric} {metric_onnx:.4f}; latency {latency:.3f} ms at batch 1  "
         f"[{log.timings['check']:.2f} s]"
     )
-    fp32_variant = build_spec.variants[0]
-    built = [
-        _Built(
-            variant=fp32_variant,
-            index=0,
-            artifact=exported,
-            metric=metric_onnx,
-            drop=reference.metric - metric_onnx,
-            latency_ms=latency,
-            max_abs_error=comparison.max_abs,
-            timings_s={k: log.timings[k] for k in ("train", "export", "check") if k in log.timings},
-            details={
-                "exporter": reference.exporter,
-                "opset": build_spec.opset,
-                "checkpoint": (
-                    reference.checkpoint.relative_to(artifacts).as_posix()
-                    if reference.checkpoint is not None
-                    else None
-                ),
-                "check": {
-                    "held_out_items": held.size,
-                    "worst_output": comparison.worst.name,
-                    "max_abs_error": comparison.max_abs,
-                    "max_rel_error": comparison.max_rel,
-                    "atol": tol.atol,
-                    "rtol": tol.rtol,
-                },
+    checkpoint = reference.checkpoint
+    return _Built(
+        variant=build_spec.variants[0],
+        index=0,
+        artifact=exported,
+        metric=metric_onnx,
+        drop=reference.metric - metric_onnx,
+        latency_ms=latency,
+        max_abs_error=comparison.max_abs,
+        timings_s={k: log.timings[k] for k in ("train", "export", "check") if k in log.timings},
+        details={
+            "exporter": reference.exporter,
+            "opset": build_spec.opset,
+            "checkpoint": checkpoint.relative_to(artifacts).as_posix() if checkpoint else None,
+            "check": {
+                "held_out_items": held.size,
+                "worst_output": comparison.worst.name,
+                "max_abs_error": comparison.max_abs,
+                "max_rel_error": comparison.max_rel,
+                "atol": tol.atol,
+                "rtol": tol.rtol,
             },
-        )
-    ]
+        },
+    )
 
-    extra, derived = _source_files(stage, spec, reference, artifacts, log)
 
-    for index, variant in enumerate(build_spec.variants[1:], start=1):
-        built.append(
-            _build_variant(
-                spec, variant, index, stage=stage, reference=reference, fp32=exported, log=log,
-                artifacts=artifacts,
-            )
-        )
+@dataclass(frozen=True)
+class _Outputs:
+    """What a build publishes besides the variants: extra files, derived values, engines."""
 
-    with log.stage("tensorrt"):
-        engines = _tensorrt_stage(
-            spec, {b.precision: b.artifact for b in built}, publish.model_artifacts(name, artifacts),
-            held, log,
-        )
-    if not engines:
-        del log.timings["tensorrt"]
+    extra: Mapping[str, Path]
+    derived: Mapping[str, Any]
+    engines: Sequence[Any]
 
+
+@dataclass(frozen=True)
+class _Published:
+    """Where the publish stage put each variant."""
+
+    entries: Mapping[str, dict[str, Any]]
+    paths: Mapping[str, Path]
+    manifest: Path
+
+
+def _publish_stage(
+    spec: ModelSpec,
+    built: Sequence[_Built],
+    reference: _Reference,
+    outputs: _Outputs,
+    inputs: Mapping[str, Any],
+    previous: Mapping[str, Any] | None,
+    log: _Log,
+    *,
+    artifacts: Path,
+    repository: Path,
+) -> _Published:
+    """The publish stage: each served variant and its extra files into the repository, then the
+    manifest (last), then the served variants the spec dropped are removed."""
+    from kiln.build import publish
+
+    name = spec.name
     with log.stage("publish"):
         entries: dict[str, dict[str, Any]] = {}
         published_paths: dict[str, Path] = {}
@@ -794,7 +857,7 @@ def _build_model(
             if item.variant.serve:
                 served = served_name(name, item.precision)
                 copy = publish.publish_artifact(served, item.artifact, repository=repository)
-                files = publish.publish_files(served, extra, repository=repository)
+                files = publish.publish_files(served, outputs.extra, repository=repository)
                 entry["published"] = copy.relative
                 entry["files"] = {
                     n: {"published": f.relative, "sha256": f.sha256, "size_bytes": f.size_bytes}
@@ -805,43 +868,52 @@ def _build_model(
     # The manifest goes last: until it is written, `freshness` sees the previous build's (whose
     # recorded sha256 no longer match what was just copied), so an interrupted publish rebuilds.
     document = publish.manifest_document(spec, inputs=inputs, variants=entries, timings_s=log.timings)
-    if derived:
-        document["derived"] = derived
-    if engines:
-        document["tensorrt"] = [publish.plain_data(record) for record in engines]
+    if outputs.derived:
+        document["derived"] = dict(outputs.derived)
+    if outputs.engines:
+        document["tensorrt"] = [publish.plain_data(record) for record in outputs.engines]
     served_names = [e["served_as"] for e in entries.values() if e["served_as"]]
     manifest_file = publish.write_manifest(
         name, document, artifacts=artifacts, repository=repository, served=served_names
     )
-    removed = _unpublish_dropped(state.manifest, entries, repository)
+    removed = _unpublish_dropped(previous, entries, repository)
     log.say(
-        f"{tag} publish: "
-        + "; ".join(
-            f"{p} -> {_show(path)}" for p, path in published_paths.items()
-        )
-        + (f"; extra files {', '.join(extra)}" if extra else "")
+        f"[{name}] publish: "
+        + "; ".join(f"{p} -> {_show(path)}" for p, path in published_paths.items())
+        + (f"; extra files {', '.join(outputs.extra)}" if outputs.extra else "")
         + f"; manifest {_show(manifest_file)}  [{log.timings['publish']:.2f} s]"
     )
     for path in removed:
-        log.say(f"{tag} publish: removed {_show(path)} (no longer a served variant of the spec)")
-    timings = dict(log.timings)
+        log.say(f"[{name}] publish: removed {_show(path)} (no longer a served variant of the spec)")
+    return _Published(entries, published_paths, manifest_file)
+
+
+def _built_results(
+    spec: ModelSpec,
+    built: Sequence[_Built],
+    reference: _Reference,
+    published: _Published,
+    reason: str,
+    timings: Mapping[str, float],
+) -> list[BuildResult]:
+    """One BuildResult per variant of a model just built."""
     return [
         BuildResult(
-            model=name,
+            model=spec.name,
             variant=item.precision,
             status=BUILT,
-            metric=held.metric,
+            metric=reference.held.metric,
             metric_onnx=item.metric,
             metric_torch=reference.metric,
             size_bytes=item.artifact.stat().st_size,
             latency_ms=item.latency_ms,
-            artifact=published_paths.get(item.precision, item.artifact),
-            manifest=manifest_file,
-            timings_s=timings,
+            artifact=published.paths.get(item.precision, item.artifact),
+            manifest=published.manifest,
+            timings_s=dict(timings),
             reason=reason,
             metric_drop=item.drop,
             max_metric_drop=item.variant.max_metric_drop,
-            served_as=entries[item.precision]["served_as"],
+            served_as=published.entries[item.precision]["served_as"],
         )
         for item in built
     ]
@@ -1011,10 +1083,12 @@ def build(
     for spec in selected:
         if spec.build is None:
             log.say(f"[{spec.name}] skipped: no build section (published by hand)")
-    missing = [s.name for s in buildable if type(s.build.source) not in SOURCES]
+    missing = [s.name for s in buildable if not _has_stage(s.build.source)]
     if missing:
         raise BuildError(
-            ", ".join(missing), "select", "no source stage is registered for this source type"
+            ", ".join(missing), "select",
+            "no source stage for this source type: a model folder's own source class is built by "
+            "the folder's build.py (or the module its `stage` class attribute names)",
         )
     log.say(
         f"kiln build: {len(buildable)} model(s): {', '.join(s.name for s in buildable) or 'none'}"
@@ -1049,54 +1123,9 @@ def build(
     return results
 
 
-def _run_build_command(args: argparse.Namespace) -> int:
-    """`kiln build`: returns the exit code; errors are one paragraph on stderr, no traceback."""
-    from kiln.build.specs import SPECS
-
-    try:
-        build(SPECS, force=args.force, only=args.models)
-    except SpecError as error:
-        print(f"kiln build: nothing was built: {error}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    except SelectionError as error:
-        print(f"kiln build: {error}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    except BuildError as error:
-        print(f"kiln build: failed: {error}", file=sys.stderr)
-        return EXIT_BUILD_FAILED
-    except ModuleNotFoundError as error:
-        if error.name not in BUILD_EXTRA_MODULES:
-            raise
-        print(
-            f"kiln build: needs the build extra ({error.name} is missing): "
-            "pip install 'kiln[build]'",
-            file=sys.stderr,
-        )
-        return EXIT_BAD_INPUT
-    return EXIT_OK
-
-
 def add_build_command(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    """Registers `build` on the `kiln` command's subparsers; sets `func(args) -> exit code`."""
-    parser = subparsers.add_parser(
-        "build",
-        help="train, export, quantize, check and publish every model with a build section",
-        description=(
-            "Validate the spec (build/specs/), then per model: train, export to ONNX, check ONNX "
-            "Runtime against PyTorch, build the FP16/INT8 variants and gate each on its accuracy "
-            "budget, publish every served variant into the model repository with a build "
-            "manifest. A model whose spec, code and tools are unchanged is not rebuilt."
-        ),
-    )
-    parser.add_argument(
-        "--force", action="store_true", help="rebuild even the models that are up to date"
-    )
-    parser.add_argument(
-        "--model",
-        dest="models",
-        action="append",
-        metavar="NAME",
-        help="build only this model (repeatable); all specs are still validated",
-    )
-    parser.set_defaults(func=_run_build_command)
-    return parser
+    """Registers `build` on the `kiln` command's subparsers: see `kiln.cli.build`, where the
+    command lives (kept here for importers of this module)."""
+    from kiln.cli.build import add_build_command as add
+
+    return add(subparsers)

@@ -207,7 +207,24 @@ def train(
     module = _build(source, spec)
     state = _state_dict(source, spec)
     path = resolve_path(source.checkpoint)
-    field = f"build.source.checkpoint {str(path)!r}"
+    _load_into(module, state, source, spec)
+    module.eval()
+    if progress is not None:
+        parameters = sum(p.numel() for p in module.parameters())
+        progress(
+            f"{source.factory} -> {type(module).__name__} ({parameters:,} parameters); "
+            f"{len(state)} tensors loaded from {path}"
+        )
+    return module
+
+
+def _load_into(
+    module: nn.Module, state: Mapping[str, Any], source: CheckpointSource, spec: ModelSpec | None
+) -> None:
+    """Loads `state` into `module`; raises UserSourceError naming every missing or unexpected
+    key, or the shape that does not fit."""
+    model_name = _model_name(spec)
+    field = f"build.source.checkpoint {str(resolve_path(source.checkpoint))!r}"
     try:
         result = module.load_state_dict(state, strict=False)
     except RuntimeError as error:  # shape mismatches raise even with strict=False
@@ -234,14 +251,6 @@ def train(
             STAGE_LOAD,
             f"{field} does not match the module of {source.factory!r}{hint}: " + "; ".join(problems),
         )
-    module.eval()
-    if progress is not None:
-        parameters = sum(p.numel() for p in module.parameters())
-        progress(
-            f"{source.factory} -> {type(module).__name__} ({parameters:,} parameters); "
-            f"{len(state)} tensors loaded from {path}"
-        )
-    return module
 
 
 def save_checkpoint(model: nn.Module, path: Path) -> Path:
@@ -411,6 +420,73 @@ def _check_array(where: str, key: str, array: np.ndarray, tensor: TensorSpec) ->
     return problems
 
 
+def _read_npz(spec: ModelSpec, path: Path, where: str) -> dict[str, np.ndarray]:
+    """Every array of the .npz at `path`, read without pickles; UserSourceError if it cannot be."""
+    try:
+        data = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, zipfile.BadZipFile) as error:
+        raise UserSourceError(
+            spec.name,
+            STAGE_HELD_OUT,
+            f"{where} cannot be read as an .npz ({type(error).__name__}: {error})",
+        ) from None
+    if not isinstance(data, np.lib.npyio.NpzFile):
+        raise UserSourceError(
+            spec.name, STAGE_HELD_OUT, f"{where} holds one array (.npy), not an .npz archive"
+        )
+    try:
+        return {key: data[key] for key in data.files}
+    except (OSError, ValueError, zipfile.BadZipFile) as error:  # e.g. an object array (pickles)
+        raise UserSourceError(
+            spec.name,
+            STAGE_HELD_OUT,
+            f"{where} cannot be read without pickles ({type(error).__name__}: {error})",
+        ) from None
+    finally:
+        data.close()
+
+
+def _held_out_problems(
+    where: str,
+    spec: ModelSpec,
+    arrays: Mapping[str, np.ndarray],
+    evaluation: Mapping[str, str],
+    calibration: Mapping[str, str],
+    needs_calibration: bool,
+    has_calibration: bool,
+) -> list[str]:
+    """Everything wrong with the held-out arrays: missing or unexpected arrays, each array's dtype
+    and dims, and item counts that differ within the evaluation or the calibration arrays."""
+    problems: list[str] = []
+    expected = list(evaluation.values()) + (
+        list(calibration.values()) if needs_calibration or has_calibration else []
+    )
+    missing = [key for key in expected if key not in arrays]
+    if missing:
+        why = " (the spec asks for an int8 variant)" if needs_calibration else ""
+        problems.append(
+            f"{where} lacks array(s) {_listed(missing)}{why}; it has: {_listed(sorted(arrays)) or 'none'}"
+        )
+    unexpected = sorted(set(arrays) - set(evaluation.values()) - set(calibration.values()))
+    if unexpected:
+        problems.append(
+            f"{where} has array(s) {_listed(unexpected)} the spec does not name; expected: "
+            f"{_listed(list(evaluation.values()) + list(calibration.values()))}"
+        )
+    for tensor in spec.inputs:
+        for key in (evaluation[tensor.name], calibration[tensor.name]):
+            if key in arrays:
+                problems += _check_array(where, key, arrays[key], tensor)
+    for role, keys in (("evaluation", evaluation), ("calibration", calibration)):
+        counts = {key: arrays[key].shape[0] for key in keys.values() if key in arrays and arrays[key].ndim}
+        if len(set(counts.values())) > 1:
+            problems.append(
+                f"{where}: the {role} arrays hold different numbers of items: "
+                + ", ".join(f"'{k}' {n}" for k, n in counts.items())
+            )
+    return problems
+
+
 def held_out(source: CheckpointSource | OnnxFileSource, spec: ModelSpec | None = None) -> HeldOut:
     """The held-out .npz of `source`, validated against `spec`, and the agreement metric.
 
@@ -439,59 +515,13 @@ def held_out(source: CheckpointSource | OnnxFileSource, spec: ModelSpec | None =
     needs_calibration = spec.build is not None and any(
         v.precision == INT8 for v in spec.build.variants
     )
-    try:
-        data = np.load(path, allow_pickle=False)
-    except (OSError, ValueError, zipfile.BadZipFile) as error:
-        raise UserSourceError(
-            spec.name,
-            STAGE_HELD_OUT,
-            f"{where} cannot be read as an .npz ({type(error).__name__}: {error})",
-        ) from None
-    if not isinstance(data, np.lib.npyio.NpzFile):
-        raise UserSourceError(
-            spec.name, STAGE_HELD_OUT, f"{where} holds one array (.npy), not an .npz archive"
-        )
-    try:
-        arrays = {key: data[key] for key in data.files}
-    except (OSError, ValueError, zipfile.BadZipFile) as error:  # e.g. an object array (pickles)
-        raise UserSourceError(
-            spec.name,
-            STAGE_HELD_OUT,
-            f"{where} cannot be read without pickles ({type(error).__name__}: {error})",
-        ) from None
-    finally:
-        data.close()
-
-    problems: list[str] = []
+    arrays = _read_npz(spec, path, where)
     evaluation = {t.name: t.name for t in spec.inputs}
     calibration = {t.name: f"{CALIBRATION_PREFIX}{t.name}" for t in spec.inputs}
     has_calibration = any(key in arrays for key in calibration.values())
-    expected = list(evaluation.values()) + (
-        list(calibration.values()) if needs_calibration or has_calibration else []
+    problems = _held_out_problems(
+        where, spec, arrays, evaluation, calibration, needs_calibration, has_calibration
     )
-    missing = [key for key in expected if key not in arrays]
-    if missing:
-        why = " (the spec asks for an int8 variant)" if needs_calibration else ""
-        problems.append(
-            f"{where} lacks array(s) {_listed(missing)}{why}; it has: {_listed(sorted(arrays)) or 'none'}"
-        )
-    unexpected = sorted(set(arrays) - set(evaluation.values()) - set(calibration.values()))
-    if unexpected:
-        problems.append(
-            f"{where} has array(s) {_listed(unexpected)} the spec does not name; expected: "
-            f"{_listed(list(evaluation.values()) + list(calibration.values()))}"
-        )
-    for tensor in spec.inputs:
-        for key in (evaluation[tensor.name], calibration[tensor.name]):
-            if key in arrays:
-                problems += _check_array(where, key, arrays[key], tensor)
-    for role, keys in (("evaluation", evaluation), ("calibration", calibration)):
-        counts = {key: arrays[key].shape[0] for key in keys.values() if key in arrays and arrays[key].ndim}
-        if len(set(counts.values())) > 1:
-            problems.append(
-                f"{where}: the {role} arrays hold different numbers of items: "
-                + ", ".join(f"'{k}' {n}" for k, n in counts.items())
-            )
     if problems:
         raise UserSourceError(spec.name, STAGE_HELD_OUT, "; ".join(problems))
 

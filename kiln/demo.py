@@ -35,8 +35,8 @@ def digits_demo(server: TritonServer, out: TextIO = sys.stdout) -> None:
     """Classifies a few held-out digits through the running server and prints the results."""
     import tritonclient.http as httpclient
 
-    from kiln.build.digits import load_split
-    from kiln.build.specs import by_name
+    from kiln.models.digits.build import load_split
+    from kiln.registry import by_name
 
     spec = by_name("digits")
     if server.models().get(spec.name) != "READY":
@@ -69,65 +69,75 @@ def pipelines_demo(server: TritonServer, out: TextIO = sys.stdout) -> None:
     digits_demo(server, out)
     ready = {name for name, state in server.models().items() if state == "READY"}
     url = f"grpc://{server.grpc_url}"
-
-    def missing(name: str) -> bool:
+    demos = (
+        (tensors.DIGITS_READER, _digits_reader_demo),
+        (tensors.IMAGE_CLASSIFIER, _image_classifier_demo),
+        (tensors.TEXT_EMBEDDER, _text_embedder_demo),
+        (tensors.FRAUD_SCORER, _fraud_scorer_demo),
+    )
+    for name, demo in demos:
         if name not in ready:
             print(f"demo: {name}: skipped: this repository serves no ready model {name!r}", file=out)
-        return name not in ready
+            continue
+        demo(url, out)
 
-    if not missing(tensors.DIGITS_READER):
-        from kiln.build.digits import load_split
-        from kiln.build.specs import by_name
-        from kiln.clients import DigitsReader
 
-        split = load_split(by_name("digits").build.source)
-        # The 8x8 test digits as the grey images a scanner would send (0..16 -> 0..255).
-        images = [np.rint(x[0] * 255).astype(np.uint8) for x in split.x_test[:DEMO_IMAGES]]
-        with DigitsReader(url) as reader:
-            results = reader.classify_batch(images)
-        shown = ", ".join(
-            f"{int(t)} -> {r.label} (p={r.score:.3f})" for t, r in zip(split.y_test, results, strict=False)
-        )
-        print(f"demo: {tensors.DIGITS_READER} (PNG files via kiln.clients, gRPC): {shown}", file=out)
+def _digits_reader_demo(url: str, out: TextIO) -> None:
+    from kiln.clients import DigitsReader
+    from kiln.models.digits.build import load_split
+    from kiln.registry import by_name
 
-    if not missing(tensors.IMAGE_CLASSIFIER):
-        import skimage.data
+    split = load_split(by_name("digits").build.source)
+    # The 8x8 test digits as the grey images a scanner would send (0..16 -> 0..255).
+    images = [np.rint(x[0] * 255).astype(np.uint8) for x in split.x_test[:DEMO_IMAGES]]
+    with DigitsReader(url) as reader:
+        results = reader.classify_batch(images)
+    shown = ", ".join(
+        f"{int(t)} -> {r.label} (p={r.score:.3f})" for t, r in zip(split.y_test, results, strict=False)
+    )
+    print(f"demo: {tensors.DIGITS_READER} (PNG files via kiln.clients, gRPC): {shown}", file=out)
 
-        from kiln.clients import ImageClassifier
 
-        with ImageClassifier(url) as classifier:
-            result = classifier.classify(skimage.data.coffee())
-        pairs = zip(result.labels, result.scores, strict=True)
-        top = ", ".join(f"{label} {score:.3f}" for label, score in pairs)
-        print(
-            f"demo: {tensors.IMAGE_CLASSIFIER} (scikit-image's coffee photograph; seeded weights, so "
-            f"the classes mean nothing): top-5 {top} in {result.latency_s * 1e3:.0f} ms",
-            file=out,
-        )
+def _image_classifier_demo(url: str, out: TextIO) -> None:
+    import skimage.data
 
-    if not missing(tensors.TEXT_EMBEDDER):
-        from kiln.clients import TextEmbedder
+    from kiln.clients import ImageClassifier
 
-        texts = ["Return the sum of the values.", "Add up all the numbers."]
-        with TextEmbedder(url) as embedder:
-            vectors = embedder.embed(texts).vectors
-        print(
-            f"demo: {tensors.TEXT_EMBEDDER}: {len(texts)} texts -> {vectors.shape[0]} x {vectors.shape[1]} "
-            f"embeddings, cosine {float(vectors[0] @ vectors[1]):.3f}",
-            file=out,
-        )
+    with ImageClassifier(url) as classifier:
+        result = classifier.classify(skimage.data.coffee())
+    pairs = zip(result.labels, result.scores, strict=True)
+    top = ", ".join(f"{label} {score:.3f}" for label, score in pairs)
+    print(
+        f"demo: {tensors.IMAGE_CLASSIFIER} (scikit-image's coffee photograph; seeded weights, so "
+        f"the classes mean nothing): top-5 {top} in {result.latency_s * 1e3:.0f} ms",
+        file=out,
+    )
 
-    if not missing(tensors.FRAUD_SCORER):
-        from kiln.build.reference.fraud import labels, records
-        from kiln.clients import FraudScorer
 
-        # Held-out transactions 80-82 of the synthetic set (81 is a fraud).
-        items = list(records(83))[80:]
-        truth = labels(83)[80:]
-        with FraudScorer(url) as scorer:
-            scores = scorer.score_batch(items)
-        shown = ", ".join(
-            f"{'fraud' if t else 'legit'} -> {s.score:.3f} {'FLAG' if s.decision else 'pass'}"
-            for t, s in zip(truth, scores, strict=True)
-        )
-        print(f"demo: {tensors.FRAUD_SCORER} (held-out records): {shown}", file=out)
+def _text_embedder_demo(url: str, out: TextIO) -> None:
+    from kiln.clients import TextEmbedder
+
+    texts = ["Return the sum of the values.", "Add up all the numbers."]
+    with TextEmbedder(url) as embedder:
+        vectors = embedder.embed(texts).vectors
+    print(
+        f"demo: {tensors.TEXT_EMBEDDER}: {len(texts)} texts -> {vectors.shape[0]} x {vectors.shape[1]} "
+        f"embeddings, cosine {float(vectors[0] @ vectors[1]):.3f}",
+        file=out,
+    )
+
+
+def _fraud_scorer_demo(url: str, out: TextIO) -> None:
+    from kiln.clients import FraudScorer
+    from kiln.models.fraud.reference import labels, records
+
+    # Held-out transactions 80-82 of the synthetic set (81 is a fraud).
+    items = list(records(83))[80:]
+    truth = labels(83)[80:]
+    with FraudScorer(url) as scorer:
+        scores = scorer.score_batch(items)
+    shown = ", ".join(
+        f"{'fraud' if t else 'legit'} -> {s.score:.3f} {'FLAG' if s.decision else 'pass'}"
+        for t, s in zip(truth, scores, strict=True)
+    )
+    print(f"demo: {tensors.FRAUD_SCORER} (held-out records): {shown}", file=out)

@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 
 ROOT = Path(os.environ.get("KILN_ROOT", Path(__file__).resolve().parent.parent))
-"""The project root: the folder holding `kiln/`, `build/`, `backends/` and `model_repository/`."""
+"""The project root: the folder holding `kiln/`, `build/`, `backends/`, `models/` and `model_repository/`."""
 
 
 def backends_dir() -> Path:
@@ -21,6 +21,24 @@ def backends_dir() -> Path:
 def model_repository() -> Path:
     """The Triton model repository the generator writes and the server serves."""
     return Path(os.environ.get("KILN_MODEL_REPOSITORY", ROOT / "model_repository"))
+
+
+MODELS_ENV = "KILN_MODELS"
+"""Extra folders of model folders (os.pathsep-separated), searched after the project's `models/`."""
+
+
+def models_dirs() -> tuple[Path, ...]:
+    """Folders holding model folders: the project's `models/`, then those `KILN_MODELS` names.
+
+    `kiln.registry` discovers every model folder in them; `kiln build --models DIR` adds DIR for
+    one command (and passes it on to the processes it starts through `KILN_MODELS`).
+    """
+    extra = [Path(p).expanduser().resolve() for p in os.environ.get(MODELS_ENV, "").split(os.pathsep) if p]
+    found: list[Path] = []
+    for path in (ROOT / "models", *extra):
+        if path not in found:
+            found.append(path)
+    return tuple(found)
 
 
 def artifacts_dir() -> Path:

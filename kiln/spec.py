@@ -1,9 +1,9 @@
 """The typed spec: every served model and how to build it, declared once.
 
-Specs are Python (see `build/specs/`), so tensor names come from `kiln.tensors` and a type checker
-reads them. `validate()` walks a list of specs and raises one `SpecError` listing every problem,
-each naming the model, the field, what is allowed and the value given, before anything is built
-or written.
+Specs are Python (each model folder's `spec.py`, see `kiln.registry`), so tensor names are
+Python names a type checker reads. `validate()` walks a list of specs and raises one `SpecError`
+listing every problem, each naming the model, the field, what is allowed and the value given,
+before anything is built or written.
 """
 
 from __future__ import annotations
@@ -150,117 +150,12 @@ class Tolerance:
     rtol: float = 1e-3
 
 
-def _range(low: float, high: float, *, integer: bool = True) -> dict[str, Any]:
-    """Field metadata: the closed range a source setting must lie in (checked by validate())."""
+def source_range(low: float, high: float, *, integer: bool = True) -> dict[str, Any]:
+    """Field metadata: the closed range a source setting must lie in (checked by validate()).
+
+    `seed: int = field(default=0, metadata=source_range(0, 2**32 - 1))`
+    """
     return {"range": (low, high), "integer": integer}
-
-
-@dataclass(frozen=True)
-class DigitsCNNSource:
-    """A small CNN trained at build time on scikit-learn's handwritten digits (8x8, 10 classes).
-
-    Attributes:
-        seed: Seeds the train/test split, weight init and shuffling.
-        test_fraction: Share of the 1,797 images held out for evaluation.
-        epochs: Training epochs.
-        batch_size: Training batch size.
-        learning_rate: Adam's learning rate.
-        calibration_size: Training images used to calibrate INT8 (never test images).
-    """
-
-    seed: int = field(default=0, metadata=_range(0, 2**32 - 1))
-    test_fraction: float = field(default=0.2, metadata=_range(0.05, 0.95, integer=False))
-    epochs: int = field(default=30, metadata=_range(1, 1000))
-    batch_size: int = field(default=32, metadata=_range(1, 4096))
-    learning_rate: float = field(default=2e-3, metadata=_range(1e-6, 1.0, integer=False))
-    calibration_size: int = field(default=256, metadata=_range(1, 1437))
-
-
-@dataclass(frozen=True)
-class ResNet50Source:
-    """The standard ResNet-50 at image_size x image_size with seeded weights.
-
-    No pretrained weights can be fetched here (no model hub is reachable): the weights are seeded,
-    and the batch-norm statistics are recalibrated on photographs so activations stay in range.
-    It is the compute-heavy image workload; its metric is top-1 agreement with FP32.
-
-    Attributes:
-        seed: Seeds the weights and the crops.
-        image_size: Input height and width.
-        num_classes: Classifier outputs.
-        eval_images: Evaluation crops (from photographs never used for calibration).
-        calibration_images: INT8 calibration crops (from the other photographs).
-    """
-
-    seed: int = field(default=0, metadata=_range(0, 2**32 - 1))
-    image_size: int = field(default=224, metadata=_range(32, 1024))
-    num_classes: int = field(default=1000, metadata=_range(2, 100_000))
-    eval_images: int = field(default=64, metadata=_range(1, 10_000))
-    calibration_images: int = field(default=32, metadata=_range(1, 10_000))
-
-
-@dataclass(frozen=True)
-class TextEncoderSource:
-    """A small BERT-style encoder with a WordPiece tokenizer trained at build time on offline text.
-
-    Attributes:
-        seed: Seeds the weights and the text sampling.
-        vocab_size: WordPiece vocabulary size.
-        hidden_size: Width of the token embeddings.
-        layers: Transformer encoder layers.
-        heads: Attention heads (must divide hidden_size).
-        intermediate_size: Width of the feed-forward layers.
-        max_length: Longest token sequence (position embeddings, truncation).
-        eval_texts: Evaluation texts.
-        calibration_texts: INT8 calibration texts (disjoint from the evaluation texts).
-    """
-
-    seed: int = field(default=0, metadata=_range(0, 2**32 - 1))
-    vocab_size: int = field(default=4096, metadata=_range(128, 250_000))
-    hidden_size: int = field(default=256, metadata=_range(8, 4096))
-    layers: int = field(default=4, metadata=_range(1, 48))
-    heads: int = field(default=4, metadata=_range(1, 64))
-    intermediate_size: int = field(default=1024, metadata=_range(8, 16384))
-    max_length: int = field(default=128, metadata=_range(8, 8192))
-    eval_texts: int = field(default=128, metadata=_range(1, 100_000))
-    calibration_texts: int = field(default=64, metadata=_range(1, 100_000))
-
-
-@dataclass(frozen=True)
-class FraudMLPSource:
-    """An MLP scoring transactions, trained on a seeded SYNTHETIC imbalanced data set.
-
-    Attributes:
-        seed: Seeds the data set, the split, the weights and shuffling.
-        samples: Transactions generated.
-        features: Numeric features per transaction.
-        fraud_rate: Share of fraudulent transactions.
-        hidden_sizes: Widths of the hidden layers.
-        epochs: Training epochs.
-        batch_size: Training batch size.
-        learning_rate: Adam's learning rate.
-        test_fraction: Share held out for evaluation.
-        calibration_size: Training transactions used to calibrate INT8.
-        min_recall: The decision rule: the build publishes the highest threshold on a
-            `threshold_step` grid whose recall on the held-out split is at least this
-            (`decision.json` beside the model, read by kiln_threshold). The value depends on the
-            trained weights, which differ in the last digits between CPUs, so it is derived by
-            every build, never written into the spec.
-        threshold_step: The grid of that rule.
-    """
-
-    seed: int = field(default=0, metadata=_range(0, 2**32 - 1))
-    samples: int = field(default=20_000, metadata=_range(100, 10_000_000))
-    features: int = field(default=16, metadata=_range(2, 4096))
-    fraud_rate: float = field(default=0.02, metadata=_range(0.001, 0.5, integer=False))
-    hidden_sizes: tuple[int, ...] = (64, 32)
-    epochs: int = field(default=20, metadata=_range(1, 1000))
-    batch_size: int = field(default=256, metadata=_range(1, 65_536))
-    learning_rate: float = field(default=1e-3, metadata=_range(1e-6, 1.0, integer=False))
-    test_fraction: float = field(default=0.25, metadata=_range(0.05, 0.95, integer=False))
-    calibration_size: int = field(default=1024, metadata=_range(1, 1_000_000))
-    min_recall: float = field(default=0.80, metadata=_range(0.01, 1.0, integer=False))
-    threshold_step: float = field(default=0.01, metadata=_range(0.0001, 0.5, integer=False))
 
 
 @dataclass(frozen=True)
@@ -292,19 +187,13 @@ class OnnxFileSource:
     held_out: str
 
 
-SourceSpec: TypeAlias = (
-    DigitsCNNSource
-    | ResNet50Source
-    | TextEncoderSource
-    | FraudMLPSource
-    | CheckpointSource
-    | OnnxFileSource
-)
-"""Every kind of model source the build pipeline knows."""
-SOURCE_TYPES = (
-    DigitsCNNSource, ResNet50Source, TextEncoderSource, FraudMLPSource, CheckpointSource,
-    OnnxFileSource,
-)
+SourceSpec: TypeAlias = Any
+"""A model's source settings: `CheckpointSource`, `OnnxFileSource`, or a frozen dataclass of a
+model folder's own (`models/digits/spec.py`'s `DigitsCNNSource`), built by that folder's
+`build.py`. Its fields may declare a range (`source_range`), checked by `validate`; a cross-field
+rule goes in a `problems(self) -> list[str]` method."""
+GENERIC_SOURCES = (CheckpointSource, OnnxFileSource)
+"""The sources any model may use without a build hook of its own (`kiln.build.user_source`)."""
 
 PRECISIONS = ("fp32", "fp16", "int8")
 """Artifact precisions: FP32 is the reference; FP16 converts weights and activations; INT8 is
@@ -486,65 +375,94 @@ def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _check_model(spec: ModelSpec, backends: Iterable[str] | None) -> list[str]:
-    # Imported here: the parameter schemas live with the backends' logic, kept out of import time.
-    from kiln.serving.params import ParamError, check_params
-
-    where = f"model {spec.name!r}"
-    problems: list[str] = []
-    if not isinstance(spec.name, str) or not _NAME.match(spec.name):
-        problems.append(
+def _check_name(where: str, name: object) -> list[str]:
+    if not isinstance(name, str) or not _NAME.match(name):
+        return [
             f"{where}: field 'name' must be one path segment matching {_NAME.pattern}, "
-            f"got {spec.name!r}"
-        )
+            f"got {name!r}"
+        ]
+    return []
+
+
+def _check_io(where: str, inputs: Sequence[TensorSpec], outputs: Sequence[TensorSpec]) -> list[str]:
+    """The inputs and outputs of a model or ensemble: each list on its own, then no optional output."""
+    problems = _check_tensors(where, "inputs", inputs)
+    problems += _check_tensors(where, "outputs", outputs)
+    problems += [
+        f"{where}: field 'outputs[{i}].optional' is only allowed on inputs"
+        for i, t in enumerate(outputs) if t.optional
+    ]
+    return problems
+
+
+def _check_max_batch_size(where: str, mbs: object) -> tuple[int, list[str]]:
+    """The max_batch_size to check the other fields against (0 when invalid), and its problems."""
+    if not _is_int(mbs) or mbs < 0:
+        return 0, [f"{where}: field 'max_batch_size' must be an integer >= 0, got {mbs!r}"]
+    return mbs, []
+
+
+def _check_model(spec: ModelSpec, backends: Iterable[str] | None) -> list[str]:
+    where = f"model {spec.name!r}"
+    problems = _check_name(where, spec.name)
     known = tuple(backends) if backends is not None else None
     if known is not None and spec.backend not in known:
         problems.append(
             f"{where}: field 'backend' must be one of {', '.join(known) or '(none found)'}, "
             f"got {spec.backend!r}"
         )
-    problems += _check_tensors(where, "inputs", spec.inputs)
-    problems += _check_tensors(where, "outputs", spec.outputs)
-    problems += [
-        f"{where}: field 'outputs[{i}].optional' is only allowed on inputs"
-        for i, t in enumerate(spec.outputs) if t.optional
-    ]
+    problems += _check_io(where, spec.inputs, spec.outputs)
     problems += _check_files(where, spec.files)
     overlap = {t.name for t in spec.inputs} & {t.name for t in spec.outputs}
     if overlap:
         problems.append(f"{where}: names {sorted(overlap)} are both inputs and outputs")
 
-    mbs = spec.max_batch_size
-    if not _is_int(mbs) or mbs < 0:
-        problems.append(f"{where}: field 'max_batch_size' must be an integer >= 0, got {mbs!r}")
-        mbs = 0
-    batching = spec.dynamic_batching
-    if batching is not None:
-        if mbs == 0:
-            problems.append(
-                f"{where}: field 'dynamic_batching' needs max_batch_size >= 1, got max_batch_size 0"
-            )
-        sizes = batching.preferred_batch_sizes
-        if any(not _is_int(s) or s < 1 or (mbs and s > mbs) for s in sizes):
-            problems.append(
-                f"{where}: field 'dynamic_batching.preferred_batch_sizes' must hold sizes in "
-                f"1..{mbs} (max_batch_size), got {sizes!r}"
-            )
-        elif list(sizes) != sorted(set(sizes)):
-            problems.append(
-                f"{where}: field 'dynamic_batching.preferred_batch_sizes' must be strictly "
-                f"ascending, got {sizes!r}"
-            )
-        delay = batching.max_queue_delay_us
-        if not _is_int(delay) or not 0 <= delay <= MAX_QUEUE_DELAY_US:
-            problems.append(
-                f"{where}: field 'dynamic_batching.max_queue_delay_us' must be in "
-                f"0..{MAX_QUEUE_DELAY_US}, got {delay!r}"
-            )
+    mbs, found = _check_max_batch_size(where, spec.max_batch_size)
+    problems += found
+    if spec.dynamic_batching is not None:
+        problems += _check_dynamic_batching(where, spec.dynamic_batching, mbs)
+    problems += _check_instance_groups(where, spec.instance_groups)
+    problems += _check_warmup(where, spec.warmup, mbs, spec.inputs)
+    problems += _check_parameters(where, spec)
 
-    if not spec.instance_groups:
+    if spec.version_policy is not None:
+        problems += _check_version_policy(where, spec.version_policy)
+    if spec.build is not None:
+        problems += _check_build(where, spec.build)
+    return problems
+
+
+def _check_dynamic_batching(where: str, batching: DynamicBatching, mbs: int) -> list[str]:
+    problems = []
+    if mbs == 0:
+        problems.append(
+            f"{where}: field 'dynamic_batching' needs max_batch_size >= 1, got max_batch_size 0"
+        )
+    sizes = batching.preferred_batch_sizes
+    if any(not _is_int(s) or s < 1 or (mbs and s > mbs) for s in sizes):
+        problems.append(
+            f"{where}: field 'dynamic_batching.preferred_batch_sizes' must hold sizes in "
+            f"1..{mbs} (max_batch_size), got {sizes!r}"
+        )
+    elif list(sizes) != sorted(set(sizes)):
+        problems.append(
+            f"{where}: field 'dynamic_batching.preferred_batch_sizes' must be strictly "
+            f"ascending, got {sizes!r}"
+        )
+    delay = batching.max_queue_delay_us
+    if not _is_int(delay) or not 0 <= delay <= MAX_QUEUE_DELAY_US:
+        problems.append(
+            f"{where}: field 'dynamic_batching.max_queue_delay_us' must be in "
+            f"0..{MAX_QUEUE_DELAY_US}, got {delay!r}"
+        )
+    return problems
+
+
+def _check_instance_groups(where: str, groups: Sequence[InstanceGroup]) -> list[str]:
+    problems = []
+    if not groups:
         problems.append(f"{where}: field 'instance_groups' must list at least one group, got none")
-    for i, group in enumerate(spec.instance_groups):
+    for i, group in enumerate(groups):
         at = f"{where}: field 'instance_groups[{i}]"
         if group.kind not in INSTANCE_KINDS:
             problems.append(
@@ -554,8 +472,14 @@ def _check_model(spec: ModelSpec, backends: Iterable[str] | None) -> list[str]:
             problems.append(f"{at}.count' must be an integer >= 1, got {group.count!r}")
         if group.gpus and group.kind != "GPU":
             problems.append(f"{at}.gpus' is only allowed with kind 'GPU', got kind {group.kind!r}")
+    return problems
 
-    for i, warm in enumerate(spec.warmup):
+
+def _check_warmup(
+    where: str, warmup: Sequence[Warmup], mbs: int, inputs: Sequence[TensorSpec]
+) -> list[str]:
+    problems = []
+    for i, warm in enumerate(warmup):
         at = f"{where}: field 'warmup[{i}]"
         limit = max(mbs, 1)
         if not _is_int(warm.batch_size) or not 1 <= warm.batch_size <= limit:
@@ -564,28 +488,28 @@ def _check_model(spec: ModelSpec, backends: Iterable[str] | None) -> list[str]:
             problems.append(f"{at}.data' must be one of {', '.join(WARMUP_DATA)}, got {warm.data!r}")
         if not _is_int(warm.count) or warm.count < 1:
             problems.append(f"{at}.count' must be an integer >= 1, got {warm.count!r}")
-        variable = [t.name for t in spec.inputs if -1 in tuple(t.dims or ())]
+        variable = [t.name for t in inputs if -1 in tuple(t.dims or ())]
         if variable:
             problems.append(
                 f"{at}' needs fixed input dims; input(s) {', '.join(variable)} have a -1 dim"
             )
+    return problems
+
+
+def _check_parameters(where: str, spec: ModelSpec) -> list[str]:
+    # Imported here: the parameter schemas live with the backends' logic, kept out of import time.
+    from kiln.serving.params import ParamError, check_params
 
     bad_types = [k for k, v in spec.parameters.items() if not isinstance(v, str)]
     if bad_types:
-        problems.append(f"{where}: field 'parameters' values must be strings; not for {bad_types}")
-    else:
-        schema = backend_params(spec.backend)
-        if schema is not None:
-            try:
-                check_params(spec.name, dict(spec.parameters), schema)
-            except ParamError as error:
-                problems.append(f"{where}: field 'parameters': {error}")
-
-    if spec.version_policy is not None:
-        problems += _check_version_policy(where, spec.version_policy)
-    if spec.build is not None:
-        problems += _check_build(where, spec.build)
-    return problems
+        return [f"{where}: field 'parameters' values must be strings; not for {bad_types}"]
+    schema = backend_params(spec.backend)
+    if schema is not None:
+        try:
+            check_params(spec.name, dict(spec.parameters), schema)
+        except ParamError as error:
+            return [f"{where}: field 'parameters': {error}"]
+    return []
 
 
 def _check_version_policy(where: str, policy: VersionPolicy) -> list[str]:
@@ -633,25 +557,17 @@ def _check_build(where: str, build: BuildSpec) -> list[str]:
         )
     problems += _check_variants(where, build.variants)
     source = build.source
-    if not isinstance(source, SOURCE_TYPES):
+    if not dataclasses.is_dataclass(source) or isinstance(source, type):
         problems.append(
-            f"{where}: field 'build.source' must be one of "
-            f"{', '.join(t.__name__ for t in SOURCE_TYPES)}, got {type(source).__name__}"
+            f"{where}: field 'build.source' must be a source dataclass instance "
+            f"({', '.join(t.__name__ for t in GENERIC_SOURCES)}, or a model folder's own), "
+            f"got {type(source).__name__}"
         )
         return problems
     problems += _check_ranges(where, "build.source", source)
-    if isinstance(source, TextEncoderSource) and source.hidden_size % source.heads:
-        problems.append(
-            f"{where}: field 'build.source.heads' must divide hidden_size {source.hidden_size}, "
-            f"got {source.heads}"
-        )
-    if isinstance(source, FraudMLPSource) and (
-        not source.hidden_sizes or any(not _is_int(h) or h < 1 for h in source.hidden_sizes)
-    ):
-        problems.append(
-            f"{where}: field 'build.source.hidden_sizes' must be a non-empty tuple of sizes >= 1, "
-            f"got {source.hidden_sizes!r}"
-        )
+    own_rules = getattr(source, "problems", None)
+    if callable(own_rules):
+        problems += [f"{where}: {problem}" for problem in own_rules()]
     if isinstance(source, CheckpointSource) and not re.match(
         r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$", str(source.factory)
     ):
@@ -754,30 +670,21 @@ def _dims_agree(a: tuple[int, ...], b: tuple[int, ...]) -> bool:
     return len(a) == len(b) and all(x == y or -1 in (x, y) for x, y in zip(a, b, strict=True))
 
 
+_Available: TypeAlias = dict[str, tuple[str, tuple[int, ...], str]]
+"""Ensemble tensor name -> (dtype, dims, who made it)."""
+
+
 def _check_ensemble(spec: EnsembleSpec, served: Mapping[str, ModelSpec | EnsembleSpec]) -> list[str]:
     """The ensemble's own fields, then its wiring: every step model exists, every map names a real
     tensor, every tensor consumed is produced first with the same dtype and compatible dims."""
     where = f"ensemble {spec.name!r}"
-    problems: list[str] = []
-    if not isinstance(spec.name, str) or not _NAME.match(spec.name):
-        problems.append(
-            f"{where}: field 'name' must be one path segment matching {_NAME.pattern}, "
-            f"got {spec.name!r}"
-        )
-    problems += _check_tensors(where, "inputs", spec.inputs)
-    problems += _check_tensors(where, "outputs", spec.outputs)
-    problems += [
-        f"{where}: field 'outputs[{i}].optional' is only allowed on inputs"
-        for i, t in enumerate(spec.outputs) if t.optional
-    ]
-    mbs = spec.max_batch_size
-    if not _is_int(mbs) or mbs < 0:
-        problems.append(f"{where}: field 'max_batch_size' must be an integer >= 0, got {mbs!r}")
-        mbs = 0
+    problems = _check_name(where, spec.name)
+    problems += _check_io(where, spec.inputs, spec.outputs)
+    mbs, found = _check_max_batch_size(where, spec.max_batch_size)
+    problems += found
     if not spec.steps:
         problems.append(f"{where}: field 'steps' must list at least one step, got none")
-    # Ensemble tensor name -> (dtype, dims, who made it).
-    available: dict[str, tuple[str, tuple[int, ...], str]] = {
+    available: _Available = {
         t.name: (t.dtype, tuple(t.dims), "ensemble input") for t in spec.inputs
     }
     consumed: set[str] = set()
@@ -796,49 +703,84 @@ def _check_ensemble(spec: EnsembleSpec, served: Mapping[str, ModelSpec | Ensembl
                 f"{at}.model' {step.model!r} has max_batch_size {step_mbs}, below the ensemble's "
                 f"{mbs} (each step must take the ensemble's largest batch)"
             )
-        model_inputs = {t.name: t for t in model.inputs}
-        model_outputs = {t.name: t for t in model.outputs}
-        for key, value in step.inputs.items():
-            target = model_inputs.get(key)
-            if target is None:
-                problems.append(
-                    f"{at}.inputs' maps {key!r}, which is not an input of {step.model!r} "
-                    f"(its inputs: {', '.join(model_inputs)})"
-                )
-                continue
-            consumed.add(value)
-            source = available.get(value)
-            if source is None:
-                problems.append(
-                    f"{at}.inputs' feeds {step.model!r} input {key!r} from {value!r}, which is "
-                    "neither an ensemble input nor an earlier step's output"
-                )
-                continue
-            dtype, dims, made_by = source
-            if dtype != target.dtype or not _dims_agree(dims, tuple(target.dims)):
-                problems.append(
-                    f"{at}.inputs' feeds {step.model!r} input {key!r} ({target.dtype} "
-                    f"{list(target.dims)}) from {value!r} ({made_by}: {dtype} {list(dims)})"
-                )
-        unmapped = [n for n, t in model_inputs.items() if n not in step.inputs and not t.optional]
-        if unmapped:
-            problems.append(f"{at}.inputs' leaves {step.model!r} input(s) {unmapped} unfed")
-        for key, value in step.outputs.items():
-            produced = model_outputs.get(key)
-            if produced is None:
-                problems.append(
-                    f"{at}.outputs' maps {key!r}, which is not an output of {step.model!r} "
-                    f"(its outputs: {', '.join(model_outputs)})"
-                )
-                continue
-            if value in available:
-                problems.append(
-                    f"{at}.outputs' names {value!r}, already the {available[value][2]}; "
-                    "each ensemble tensor has one producer"
-                )
-                continue
-            available[value] = (produced.dtype, tuple(produced.dims), f"output {key!r} of {step.model!r}")
-    for i, tensor in enumerate(spec.outputs):
+        problems += _check_step_inputs(at, step, model, available, consumed)
+        problems += _check_step_outputs(at, step, model, available)
+    problems += _check_ensemble_outputs(where, spec.outputs, available)
+    unused = [t.name for t in spec.inputs if t.name not in consumed]
+    if unused:
+        problems.append(f"{where}: input(s) {unused} feed no step")
+    return problems
+
+
+def _check_step_inputs(
+    at: str,
+    step: EnsembleStep,
+    model: ModelSpec | EnsembleSpec,
+    available: _Available,
+    consumed: set[str],
+) -> list[str]:
+    """Each step input is fed from a tensor already available that matches it; adds every
+    tensor the step reads to `consumed`."""
+    problems = []
+    model_inputs = {t.name: t for t in model.inputs}
+    for key, value in step.inputs.items():
+        target = model_inputs.get(key)
+        if target is None:
+            problems.append(
+                f"{at}.inputs' maps {key!r}, which is not an input of {step.model!r} "
+                f"(its inputs: {', '.join(model_inputs)})"
+            )
+            continue
+        consumed.add(value)
+        source = available.get(value)
+        if source is None:
+            problems.append(
+                f"{at}.inputs' feeds {step.model!r} input {key!r} from {value!r}, which is "
+                "neither an ensemble input nor an earlier step's output"
+            )
+            continue
+        dtype, dims, made_by = source
+        if dtype != target.dtype or not _dims_agree(dims, tuple(target.dims)):
+            problems.append(
+                f"{at}.inputs' feeds {step.model!r} input {key!r} ({target.dtype} "
+                f"{list(target.dims)}) from {value!r} ({made_by}: {dtype} {list(dims)})"
+            )
+    unmapped = [n for n, t in model_inputs.items() if n not in step.inputs and not t.optional]
+    if unmapped:
+        problems.append(f"{at}.inputs' leaves {step.model!r} input(s) {unmapped} unfed")
+    return problems
+
+
+def _check_step_outputs(
+    at: str, step: EnsembleStep, model: ModelSpec | EnsembleSpec, available: _Available
+) -> list[str]:
+    """Each step output names a real output and a tensor nothing else produces; adds it to
+    `available` for the steps after."""
+    problems = []
+    model_outputs = {t.name: t for t in model.outputs}
+    for key, value in step.outputs.items():
+        produced = model_outputs.get(key)
+        if produced is None:
+            problems.append(
+                f"{at}.outputs' maps {key!r}, which is not an output of {step.model!r} "
+                f"(its outputs: {', '.join(model_outputs)})"
+            )
+            continue
+        if value in available:
+            problems.append(
+                f"{at}.outputs' names {value!r}, already the {available[value][2]}; "
+                "each ensemble tensor has one producer"
+            )
+            continue
+        available[value] = (produced.dtype, tuple(produced.dims), f"output {key!r} of {step.model!r}")
+    return problems
+
+
+def _check_ensemble_outputs(
+    where: str, outputs: Sequence[TensorSpec], available: _Available
+) -> list[str]:
+    problems = []
+    for i, tensor in enumerate(outputs):
         source = available.get(tensor.name)
         if source is None or source[2] == "ensemble input":
             problems.append(f"{where}: field 'outputs[{i}]' {tensor.name!r} is produced by no step")
@@ -847,9 +789,6 @@ def _check_ensemble(spec: EnsembleSpec, served: Mapping[str, ModelSpec | Ensembl
                 f"{where}: field 'outputs[{i}]' {tensor.name!r} is {tensor.dtype} {list(tensor.dims)}, "
                 f"but {source[2]} is {source[0]} {list(source[1])}"
             )
-    unused = [t.name for t in spec.inputs if t.name not in consumed]
-    if unused:
-        problems.append(f"{where}: input(s) {unused} feed no step")
     return problems
 
 

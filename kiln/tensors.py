@@ -30,7 +30,7 @@ FRAUD_FEATURES = "features"
 FRAUD_PROBABILITY = "probability"
 """FP32 [batch, 1]: the probability that the transaction is fraudulent."""
 
-# Pipelines: the ensembles clients call (`build/specs/pipelines.py` wires them) and their tensors.
+# Pipelines: the ensembles clients call (the model folders' `pipeline.py` wire them) and their tensors.
 IMAGE_CLASSIFIER = "image_classifier"
 """Ensemble: image file bytes -> kiln_image -> resnet50 -> kiln_classify -> top-k labels, scores."""
 IMAGE_CLASSIFIER_INT8 = "image_classifier_int8"

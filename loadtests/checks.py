@@ -1,7 +1,7 @@
 """What every response must contain: checked on every response of every load test and benchmark.
 
 A status code says the server answered, not that it answered right. `Checker.check` holds each
-response to the pipeline's contract, read from the spec (`kiln.build.specs`), never from the
+response to the pipeline's contract, read from the spec (`kiln.registry`), never from the
 server under test:
 
 - every output the spec declares is there, with its dtype and shape ([1, *dims]);
@@ -93,10 +93,10 @@ def served(name: str) -> Any:
     Raises:
         KeyError: no spec serves `name`.
     """
-    from kiln.build.specs import SPECS
+    from kiln import registry
     from kiln.spec import served_specs
 
-    for spec in served_specs(SPECS):
+    for spec in served_specs(registry.specs()):
         if spec.name == name:
             return spec
     raise KeyError(f"no served model named {name!r} in the spec")

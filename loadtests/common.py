@@ -57,14 +57,15 @@ GRPC_TRANSPORT = "gRPC"
 def _options(parser: Any) -> None:
     group = parser.add_argument_group("kiln", "kiln load-test options (loadtests/common.py)")
     group.add_argument(
-        "--model", default="", help="served model of the suite's contract (default: the suite's pipeline)"
+        "--model", default="", help="the pipeline to load-test (with a loadtest.py SLO, or an alias)"
     )
     group.add_argument("--grpc-url", default="", help="Triton's gRPC address host:port (for the gRPC user)")
     group.add_argument(
         "--load-shape", default="steady", choices=slo.SHAPES, help="steady, step (the knee) or spike"
     )
     group.add_argument(
-        "--slo-profile", default="full", choices=slo.PROFILES, help="gates and load of loadtests/slo.py"
+        "--slo-profile", default="full", choices=slo.PROFILES,
+        help="gates and load of the pipeline's loadtest.py (models/<folder>/; schema loadtests/slo.py)",
     )
     group.add_argument("--gate", action="append", default=[], help="override a gate: NAME=VALUE (repeatable)")
     group.add_argument(
@@ -114,18 +115,16 @@ RECORDER = Recorder()
 
 
 def model_of(environment: Environment) -> str:
-    """The served model this run targets: `--model`, else the suite's pipeline."""
+    """The served model this run targets: `--model` (required: one locustfile serves every
+    pipeline)."""
     options = environment.parsed_options
     model = getattr(options, "model", "") if options is not None else ""
-    return model or _SUITE["default"]
-
-
-_SUITE: dict[str, str] = {"default": ""}
-
-
-def use_suite(pipeline: str) -> None:
-    """Declares the locustfile's pipeline (the default `--model`); call once at import."""
-    _SUITE["default"] = pipeline
+    if not model:
+        raise ValueError(
+            f"--model is required: the pipeline to load-test, one of {', '.join(slo.pipelines())} "
+            f"(or {', '.join(slo.aliases())})"
+        )
+    return model
 
 
 def prepare(model: str) -> Prepared:

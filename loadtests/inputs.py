@@ -1,15 +1,11 @@
 """The realistic request mix every load test and benchmark sends, built once per run.
 
-- Images (`image_classifier`, `image_classifier_int8`): scikit-image's bundled photographs (nothing
-  is downloaded) at several sizes (a 128 px thumbnail to a 2-megapixel scan) and colour modes
-  (grey, RGB, RGBA), encoded as JPEG and PNG, as clients upload them.
-- Digits (`digits_reader`): scikit-learn's handwritten digits, rendered as 8x8 grey PNG files.
-- Texts (`text_embedder`): short queries, prose paragraphs of varied length (held-out docstrings of
-  the text encoder's evaluation pool), long texts past the encoder's 128 tokens (truncated by the
-  server) and non-ASCII text.
-- Records (`fraud_scorer`): transactions of the fraud model's held-out split
-  (`kiln.build.reference.fraud.records`), as JSON records (RECORD) and, for every fifth, as the raw
-  values in the model's feature order (FEATURE_VALUES): a request sends exactly one of the two.
+Each model folder's `loadtest.py` makes its pipelines' mix (`corpus(model, reference)`): for
+example `models/resnet50/loadtest.py` photographs of several sizes, colour modes and formats,
+`models/text_encoder/loadtest.py` queries, paragraphs, long and non-ASCII texts,
+`models/fraud/loadtest.py` held-out transactions as records and as raw values. This module holds
+what they share: `Item`, `Corpus`, image encoding, the in-process classifier reference, and the
+files a run's generators share.
 
 Each `Item` is one batch-1 request (tensor name -> numpy array, as sent) and, when the in-process
 reference pipeline is available, the reference's answer (`Item.expected`), which the content checks
@@ -39,46 +35,6 @@ FORMAT = 1
 
 JPEG_QUALITY = 90
 """What cameras and upload pipelines commonly write."""
-PHOTOS: tuple[tuple[str, str, int | None], ...] = (
-    # (skimage.data name, file format, longer side after resizing or None to keep it)
-    ("astronaut", "JPEG", None),  # 512x512 RGB
-    ("coffee", "JPEG", None),  # 400x600 RGB
-    ("chelsea", "PNG", None),  # 300x451 RGB
-    ("camera", "JPEG", None),  # 512x512 grey
-    ("coins", "PNG", None),  # 303x384 grey
-    ("rocket", "JPEG", 160),  # a 160x107 RGB thumbnail
-    ("hubble_deep_field", "JPEG", None),  # 872x1000 RGB
-    ("retina", "JPEG", None),  # 1411x1411 RGB, about 2 megapixels
-    ("logo", "PNG", None),  # 500x500 RGBA
-    ("immunohistochemistry", "PNG", 256),  # 256x256 RGB
-)
-"""The image mix: 10 files, 4 sizes classes, grey/RGB/RGBA, JPEG and PNG."""
-DIGITS_IMAGES = 64
-"""Digits in the digits_reader mix (the first of the data set, every class several times)."""
-DIGIT_LEVELS = 16
-"""scikit-learn's digits hold grey levels 0..16; a PNG holds 0..255."""
-
-SHORT_TEXTS = (
-    "reset my password",
-    "How do I read a file line by line?",
-    "timeout while connecting to the mail server",
-    "parse a date string",
-)
-"""Search-box queries: a few words each."""
-NON_ASCII_TEXTS = (
-    "Résumé du café: la crème brûlée était très sucrée, naïve et délicieuse.",
-    "Größenänderung der Datei fehlgeschlagen: Zugriff verweigert (Fehlercode 13).",
-)
-PARAGRAPHS = 10
-"""Prose paragraphs, spread over the pool's lengths."""
-LONG_TEXT_PARAGRAPHS = 8
-"""Paragraphs joined into each long text (well past 128 tokens: the server truncates)."""
-LONG_TEXTS = 2
-
-FRAUD_RECORDS = 200
-"""Transactions in the fraud mix (the held-out split's first, about 2% fraud)."""
-VALUES_EVERY = 5
-"""Every fifth fraud request sends FEATURE_VALUES instead of a RECORD."""
 
 
 @dataclass
@@ -134,13 +90,15 @@ class Corpus:
         )
 
 
-def _object(values: Sequence[bytes]) -> np.ndarray:
+def object_array(values: Sequence[bytes]) -> np.ndarray:
+    """A BYTES tensor of shape [len(values), 1], as Triton takes it."""
     array = np.empty((len(values), 1), dtype=object)
     array[:, 0] = list(values)
     return array
 
 
-def _mode(image: np.ndarray) -> str:
+def image_mode(image: np.ndarray) -> str:
+    """"grey", "RGB" or "RGBA": what a report says of an image's pixels."""
     if image.ndim == 2:
         return "grey"
     return {3: "RGB", 4: "RGBA"}[image.shape[2]]
@@ -165,143 +123,39 @@ def encode_image(image: np.ndarray, fmt: str, longer_side: int | None = None) ->
     return buffer.getvalue()
 
 
-def photographs() -> list[tuple[str, bytes]]:
-    """The image mix: (description, encoded file) for each entry of PHOTOS."""
-    import skimage.data
-    from PIL import Image
-
-    files = []
-    for name, fmt, longer in PHOTOS:
-        pixels = np.asarray(getattr(skimage.data, name)())
-        data = encode_image(pixels, fmt, longer)
-        with Image.open(io.BytesIO(data)) as decoded:
-            width, height = decoded.size
-        extension = {"JPEG": "jpg", "PNG": "png"}[fmt]
-        files.append((f"{name}.{extension} {height}x{width} {_mode(pixels)}", data))
-    return files
-
-
-def digit_pngs(count: int = DIGITS_IMAGES) -> list[tuple[str, bytes, int]]:
-    """(description, 8x8 grey PNG, true digit) for the first `count` scikit-learn digits."""
-    from sklearn.datasets import load_digits
-
-    digits = load_digits()
-    scale = 255.0 / DIGIT_LEVELS
-    out = []
-    for index in range(min(count, len(digits.images))):
-        pixels = np.clip(np.rint(digits.images[index] * scale), 0, 255).astype(np.uint8)
-        out.append(
-            (
-                f"digit #{index} ({digits.target[index]}) 8x8 PNG",
-                encode_image(pixels, "PNG"),
-                int(digits.target[index]),
-            )
-        )
-    return out
-
-
-def texts() -> list[str]:
-    """The text mix (see the module docstring)."""
-    from kiln.build.text_encoder import load_corpus
-
-    pool = sorted(load_corpus().evaluation, key=len)
-    picks = [pool[round(i * (len(pool) - 1) / (PARAGRAPHS - 1))] for i in range(PARAGRAPHS)]
-    long_texts = [
-        " ".join(pool[-(LONG_TEXT_PARAGRAPHS * (k + 1)) : len(pool) - LONG_TEXT_PARAGRAPHS * k])
-        for k in range(LONG_TEXTS)
-    ]
-    return [*SHORT_TEXTS, *picks, *long_texts, *NON_ASCII_TEXTS]
-
-
-def _image_items(model: str) -> list[Item]:
-    if model == tensors.DIGITS_READER:
-        return [Item(name, {tensors.IMAGE: _object([data])}) for name, data, _ in digit_pngs()]
-    return [Item(name, {tensors.IMAGE: _object([data])}) for name, data in photographs()]
-
-
-def _text_items() -> list[Item]:
-    items = []
-    for text in texts():
-        data = text.encode("utf-8")
-        label = text if len(text) <= 40 else text[:37] + "..."
-        items.append(Item(f"text {len(data)} B: {label!r}", {tensors.TEXT: _object([data])}))
-    return items
-
-
-def _fraud_items() -> tuple[list[Item], list[dict[str, float]]]:
-    from kiln.build.reference.fraud import encode, feature_names, records
-
-    names = feature_names()
-    rows = list(records(FRAUD_RECORDS))
-    items = []
-    for index, record in enumerate(rows):
-        if index % VALUES_EVERY == VALUES_EVERY - 1:
-            values = np.array([[record[n] for n in names]], dtype=np.float32)
-            items.append(Item(f"transaction #{index} as FEATURE_VALUES", {tensors.FEATURE_VALUES: values}))
-        else:
-            items.append(Item(f"transaction #{index} as RECORD", {tensors.RECORD: _object([encode(record)])}))
-    return items, rows
-
-
-CLASSIFIERS = (tensors.IMAGE_CLASSIFIER, tensors.IMAGE_CLASSIFIER_INT8, tensors.DIGITS_READER)
-MODELS = (*CLASSIFIERS, tensors.TEXT_EMBEDDER, tensors.FRAUD_SCORER)
-"""Served models `build()` makes a mix for."""
-
-
 def build(model: str, reference: bool = True) -> Corpus:
-    """The request mix for `model`, with the in-process reference's answers when `reference`.
+    """The request mix for `model`, with the in-process reference's answers when `reference`:
+    made by the `loadtest.py` of the model folder serving `model`.
 
     Raises:
-        KeyError: no mix for `model`.
+        KeyError: no mix for `model` (the message lists the models that have one).
     """
-    if model in CLASSIFIERS:
-        corpus = Corpus(model, _image_items(model))
-    elif model == tensors.TEXT_EMBEDDER:
-        corpus = Corpus(model, _text_items())
-    elif model == tensors.FRAUD_SCORER:
-        items, rows = _fraud_items()
-        corpus = Corpus(model, items)
-        if reference:
-            _fraud_reference(corpus, rows)
-        return corpus
-    else:
-        raise KeyError(f"no request mix for {model!r}; known: {', '.join(MODELS)}")
-    if reference:
-        if model == tensors.TEXT_EMBEDDER:
-            _text_reference(corpus)
-        else:
-            _image_reference(corpus)
-    return corpus
+    from kiln import registry
+
+    try:
+        module = registry.module_of(model, "loadtest")
+    except KeyError:
+        module = None
+    if module is None or not hasattr(module, "corpus"):
+        raise KeyError(f"no request mix for {model!r}; known: {', '.join(models())}")
+    return module.corpus(model, reference)
 
 
-def _fraud_reference(corpus: Corpus, rows: list[dict[str, float]]) -> None:
-    from kiln.build.reference.fraud import TorchReference, published_threshold
+def models() -> tuple[str, ...]:
+    """Served models a mix can be built for: the ensembles of folders with a `loadtest.py`."""
+    from kiln import registry
+    from kiln.spec import EnsembleSpec
 
-    # Decide at the threshold the server serves (the build's published one), so that the
-    # reference and the response contract agree by construction.
-    reference = TorchReference.load(threshold=published_threshold().threshold)
-    names = reference.stats.names
-    for item, record in zip(corpus.items, rows, strict=True):
-        if tensors.FEATURE_VALUES in item.inputs:
-            scored = reference.score_values(item.inputs[tensors.FEATURE_VALUES])
-        else:
-            scored = reference.score([{n: record[n] for n in names}])
-        item.expected = {tensors.SCORE: scored.scores, tensors.DECISION: scored.decisions}
-    corpus.reference = "kiln.build.reference.fraud.TorchReference (PyTorch, FP32)"
+    return tuple(
+        spec.name
+        for folder in registry.folders()
+        if folder.has("loadtest")
+        for spec in folder.specs
+        if isinstance(spec, EnsembleSpec)
+    )
 
 
-def _text_reference(corpus: Corpus) -> None:
-    from kiln.build.reference.text import TorchTextEmbedder
-
-    embedder = TorchTextEmbedder()
-    texts_ = [item.inputs[tensors.TEXT][0, 0].decode("utf-8") for item in corpus.items]
-    embeddings = embedder.embed(texts_)
-    for item, embedding in zip(corpus.items, embeddings, strict=True):
-        item.expected = {tensors.EMBEDDING: embedding[np.newaxis, :]}
-    corpus.reference = "kiln.build.reference.text.TorchTextEmbedder (PyTorch, FP32)"
-
-
-def _image_reference(corpus: Corpus) -> None:
+def classifier_reference(corpus: Corpus) -> None:
     """Top-k classes of the in-process image pipeline (`kiln.build.reference.image`): the PyTorch
     model for an FP32 pipeline, the served ONNX file on ONNX Runtime for another precision (PyTorch
     has no INT8 model)."""

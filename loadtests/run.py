@@ -6,7 +6,7 @@
     python -m loadtests.run --http-url gpu-host:8000 --grpc-url gpu-host:8001   # a running server
     python -m loadtests.run --pipeline image_classifier_int8 --profile smoke
 
-For each suite and shape it runs `python -m locust -f loadtests/<suite>.py --headless ...` with the
+For each suite and shape it runs `python -m locust -f loadtests/locustfile.py --model <pipeline>` with the
 HTTP and the gRPC user (or one, `--transport`), writes locust's CSV files and HTML report and the
 SLO report (`<suite>-<shape>_slo.json`) into the output folder, prints each gate's verdict, and
 finally a summary table (also `summary.md`, `summary.json`). Exit status: 0 when every gate of
@@ -39,13 +39,13 @@ STOP_TIMEOUT_S = 10
 TRANSPORTS = {"http": ("HttpUser",), "grpc": ("GrpcUser",), "both": ("HttpUser", "GrpcUser")}
 
 
-def _camel(name: str) -> str:
-    return "".join(part.capitalize() for part in name.split("_"))
+USER_PREFIX = "Pipeline"
+"""loadtests/locustfile.py's user classes: PipelineHttpUser, PipelineGrpcUser."""
 
 
-def user_classes(suite: str, transport: str) -> list[str]:
-    """The locust user classes of `suite` for `transport` (http, grpc, both)."""
-    return [f"{_camel(suite)}{suffix}" for suffix in TRANSPORTS[transport]]
+def user_classes(transport: str) -> list[str]:
+    """The locustfile's user classes for `transport` (http, grpc, both)."""
+    return [f"{USER_PREFIX}{suffix}" for suffix in TRANSPORTS[transport]]
 
 
 def locust_command(
@@ -57,10 +57,10 @@ def locust_command(
     prefix: Path,
 ) -> list[str]:
     """The locust command line of one run."""
-    suite = slo.suite_of(model)
+    slo.suite_of(model)  # a model no suite covers fails here, before locust starts
     command = [
         sys.executable, "-m", "locust",
-        "-f", str(paths.ROOT / "loadtests" / f"{suite}.py"),
+        "-f", str(paths.ROOT / "loadtests" / "locustfile.py"),
         "--headless", "--only-summary",
         "--host", f"http://{http_url}",
         "--grpc-url", grpc_url,
@@ -78,7 +78,7 @@ def locust_command(
         command += ["--shape-users", args.shape_users]
     if args.shape_seconds:
         command += ["--shape-seconds", args.shape_seconds]
-    return command + user_classes(suite, args.transport)
+    return command + user_classes(args.transport)
 
 
 def shape_seconds(model: str, shape: str, args: argparse.Namespace) -> float:
@@ -252,35 +252,13 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out or paths.ROOT / "results" / f"loadtest-{environment.utc_stamp()}-{environment.commit()}"
     out.mkdir(parents=True, exist_ok=True)
     print(f"loadtests: results go to {out}", flush=True)
-    for model in models:
-        try:
-            if args.inputs is not None:
-                corpus = inputs.load(args.inputs / f"{model}.pkl")
-            else:
-                corpus = inputs.build(model, reference=not args.no_reference)
-        except (OSError, ValueError) as error:
-            print(f"loadtests: cannot get the request mix of {model}: {error}", file=sys.stderr)
-            return 2
-        inputs.save(corpus, out / "inputs" / f"{model}.pkl")
-        print("request mix: " + "\n  ".join([corpus.summary(), *corpus.notes]), flush=True)
+    if not _save_mixes(models, args, out):
+        return 2
     server = None
     http_url, grpc_url = args.http_url, args.grpc_url
     if not http_url:
-        from kiln.server import FREE_PORT, TritonServer
-
-        print(f"loadtests: starting the embedded tritonserver for {', '.join(models)} ...", flush=True)
-        server = TritonServer(
-            args.repository,
-            http_port=FREE_PORT,
-            grpc_port=FREE_PORT,
-            metrics_port=FREE_PORT,
-            model_control_mode="explicit",
-            load_models=models,
-            log_file=out / "tritonserver.log",
-        )
-        server.start()
+        server = _start_server(models, args.repository, out)
         http_url, grpc_url = server.http_url, server.grpc_url
-        print(f"loadtests: serving on http {http_url}, grpc {grpc_url}", flush=True)
     reports = []
     try:
         for model in models:
@@ -289,6 +267,50 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if server is not None:
             server.stop()
+    passed = _write_summary(reports, args.profile, command_line, out)
+    if any("error" in r for r in reports):
+        return 2 if not any(r.get("verdicts") for r in reports) else 1
+    return 0 if passed else 1
+
+
+def _save_mixes(models: list[str], args: argparse.Namespace, out: Path) -> bool:
+    """Builds (or loads, with --inputs) each model's request mix into `out/inputs`; False, with the
+    reason on stderr, when one cannot be had."""
+    for model in models:
+        try:
+            if args.inputs is not None:
+                corpus = inputs.load(args.inputs / f"{model}.pkl")
+            else:
+                corpus = inputs.build(model, reference=not args.no_reference)
+        except (OSError, ValueError) as error:
+            print(f"loadtests: cannot get the request mix of {model}: {error}", file=sys.stderr)
+            return False
+        inputs.save(corpus, out / "inputs" / f"{model}.pkl")
+        print("request mix: " + "\n  ".join([corpus.summary(), *corpus.notes]), flush=True)
+    return True
+
+
+def _start_server(models: list[str], repository: Path | None, out: Path) -> Any:
+    """The embedded tritonserver on free ports, loading `models`; its log is `out/tritonserver.log`."""
+    from kiln.server import FREE_PORT, TritonServer
+
+    print(f"loadtests: starting the embedded tritonserver for {', '.join(models)} ...", flush=True)
+    server = TritonServer(
+        repository,
+        http_port=FREE_PORT,
+        grpc_port=FREE_PORT,
+        metrics_port=FREE_PORT,
+        model_control_mode="explicit",
+        load_models=models,
+        log_file=out / "tritonserver.log",
+    )
+    server.start()
+    print(f"loadtests: serving on http {server.http_url}, grpc {server.grpc_url}", flush=True)
+    return server
+
+
+def _write_summary(reports: list[dict[str, Any]], profile: str, command_line: str, out: Path) -> bool:
+    """Writes `summary.json` and `summary.md`, prints the table; returns whether every gate passed."""
     table = summary_table(reports)
     passed = all(r.get("passed") for r in reports)
     machine = environment.machine_info()
@@ -306,13 +328,11 @@ def main(argv: list[str] | None = None) -> int:
         + "\n"
     )
     (out / "summary.md").write_text(
-        f"# Load tests ({args.profile} profile), commit {environment.commit()}\n\n"
+        f"# Load tests ({profile} profile), commit {environment.commit()}\n\n"
         f"{environment.describe_machine(machine)}\n\nCommand: `{command_line}`\n\n{table}\n"
     )
     print(f"\n{table}\n\nloadtests: {'PASS' if passed else 'MISS'}; results in {out}", flush=True)
-    if any("error" in r for r in reports):
-        return 2 if not any(r.get("verdicts") for r in reports) else 1
-    return 0 if passed else 1
+    return passed
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""The service levels every load test enforces, and the load it applies: declared here, once.
+"""The service levels every load test enforces, and the load it applies: the schema here, the
+values in each model folder's `loadtest.py` (`SLOS`).
 
 Each pipeline has two profiles:
 
@@ -28,9 +29,8 @@ reported, not gated. Gate values are overridden per run with `--gate NAME=VALUE`
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass
-
-from kiln import tensors
 
 PROFILES = ("full", "smoke")
 SHAPES = ("steady", "step", "spike")
@@ -100,79 +100,46 @@ SMOKE_LOAD = Load(
 )
 """CI: one HTTP and one gRPC user for 8 s."""
 
-PIPELINES: dict[str, PipelineSLO] = {
-    tensors.IMAGE_CLASSIFIER: PipelineSLO(
-        tensors.IMAGE_CLASSIFIER,
-        gates={
-            # ResNet-50 FP32 (~4 GFLOPs an image) on 2 cores: ~10-20 images/s saturated; 8 users
-            # queue ~0.5 s of work ahead of each request.
-            "full": Gates(p95_ms=2000, p99_ms=3000, max_failure_ratio=0.001, min_rps=4),
-            "smoke": Gates(p95_ms=15000, p99_ms=20000, max_failure_ratio=0.0, min_rps=0.2),
-        },
-        load={
-            "full": Load(
-                users=8,
-                duration_s=60,
-                step_users=(1, 2, 4, 8, 16, 32),
-                step_s=15,
-                spike_users=(4, 32),
-                spike_s=(15, 15, 20),
-                settle_s=5,
-            ),
-            "smoke": SMOKE_LOAD,
-        },
-    ),
-    tensors.TEXT_EMBEDDER: PipelineSLO(
-        tensors.TEXT_EMBEDDER,
-        gates={
-            "full": Gates(p95_ms=400, p99_ms=600, max_failure_ratio=0.001, min_rps=30),
-            "smoke": Gates(p95_ms=10000, p99_ms=15000, max_failure_ratio=0.0, min_rps=1),
-        },
-        load={
-            "full": Load(
-                users=16,
-                duration_s=60,
-                step_users=(2, 4, 8, 16, 32, 64),
-                step_s=10,
-                spike_users=(8, 64),
-                spike_s=(10, 10, 15),
-                settle_s=3,
-            ),
-            "smoke": SMOKE_LOAD,
-        },
-    ),
-    tensors.FRAUD_SCORER: PipelineSLO(
-        tensors.FRAUD_SCORER,
-        gates={
-            "full": Gates(p95_ms=100, p99_ms=200, max_failure_ratio=0.001, min_rps=80),
-            "smoke": Gates(p95_ms=10000, p99_ms=15000, max_failure_ratio=0.0, min_rps=1),
-        },
-        load={
-            "full": Load(
-                users=16,
-                duration_s=60,
-                step_users=(2, 4, 8, 16, 32, 64),
-                step_s=10,
-                spike_users=(8, 96),
-                spike_s=(10, 10, 15),
-                settle_s=3,
-            ),
-            "smoke": SMOKE_LOAD,
-        },
-    ),
-}
-"""Every load-tested pipeline. `image_classifier_int8` shares image_classifier's entry (the
-same contract; its suite is run with `--model image_classifier_int8`)."""
+@functools.cache
+def _discover() -> tuple[dict[str, PipelineSLO], dict[str, str]]:
+    from kiln import registry
 
-ALIASES = {tensors.IMAGE_CLASSIFIER_INT8: tensors.IMAGE_CLASSIFIER}
-"""Served models that are load-tested with another pipeline's suite and service level."""
+    found: dict[str, PipelineSLO] = {}
+    aliases: dict[str, str] = {}
+    for folder in registry.folders():
+        if folder.has("loadtest"):
+            module = folder.module("loadtest")
+            found.update(getattr(module, "SLOS", {}))
+            aliases.update(getattr(module, "ALIASES", {}))
+    return found, aliases
+
+
+def pipelines() -> dict[str, PipelineSLO]:
+    """Every load-tested pipeline: the `SLOS` of each model folder's `loadtest.py`. Read on first
+    use, not at import: a folder's loadtest.py imports this module for Gates and Load."""
+    return _discover()[0]
+
+
+def aliases() -> dict[str, str]:
+    """Served models load-tested with another pipeline's suite and service level (the `ALIASES` of
+    the folders' loadtest.py: `image_classifier_int8` -> `image_classifier`)."""
+    return _discover()[1]
+
+
+def __getattr__(name: str) -> object:
+    # `slo.PIPELINES` and `slo.ALIASES`, the names before the model folders: the same dicts.
+    if name == "PIPELINES":
+        return pipelines()
+    if name == "ALIASES":
+        return aliases()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def suite_of(model: str) -> str:
     """The load-test suite (and SLO entry) serving `model`."""
-    name = ALIASES.get(model, model)
-    if name not in PIPELINES:
-        raise KeyError(f"no load-test suite for {model!r}; known: {', '.join(PIPELINES)}")
+    name = aliases().get(model, model)
+    if name not in pipelines():
+        raise KeyError(f"no load-test suite for {model!r}; known: {', '.join(pipelines())}")
     return name
 
 
@@ -182,7 +149,7 @@ def gates(pipeline: str, profile: str, overrides: dict[str, float] | None = None
     Raises:
         KeyError: an unknown pipeline or profile, or an override naming no gate.
     """
-    entry = PIPELINES[suite_of(pipeline)]
+    entry = pipelines()[suite_of(pipeline)]
     if profile not in entry.gates:
         raise KeyError(f"profile must be one of {', '.join(PROFILES)}, got {profile!r}")
     unknown = set(overrides or {}) - set(GATE_NAMES)
@@ -193,7 +160,7 @@ def gates(pipeline: str, profile: str, overrides: dict[str, float] | None = None
 
 def load(pipeline: str, profile: str) -> Load:
     """The load `profile` applies to `pipeline` (or a model it stands for)."""
-    entry = PIPELINES[suite_of(pipeline)]
+    entry = pipelines()[suite_of(pipeline)]
     if profile not in entry.load:
         raise KeyError(f"profile must be one of {', '.join(PROFILES)}, got {profile!r}")
     return entry.load[profile]

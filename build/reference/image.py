@@ -1,13 +1,13 @@
 """image_classifier, image_classifier_int8 and digits_reader in one Python process, no Triton.
 
 The served ensembles are kiln_image -> model (ONNX Runtime) -> kiln_classify. Two in-process twins,
-both configured from the same specs (`kiln.build.specs.image_pipelines`: which steps, the
+both configured from the same specs (`models/*/pipeline.py`, through `kiln.registry`: which steps, the
 preprocessing parameters, k and the labels), so they follow the served pipeline when a spec
 changes:
 
 - `TorchImageClassifier`, the reference: each file decoded with Pillow (`decode`, written here,
   independent of `kiln.serving.image`), preprocessed by the build's own
-  `kiln.build.resnet50.preprocess` (for digits: `digits_input`, the same steps for one grey
+  `kiln.models.resnet50.build.preprocess` (for digits: `digits_input`, the same steps for one grey
   channel), the PyTorch model loaded from `artifacts/<model>/checkpoint.pt`, then
   `torch.softmax` and `torch.topk`. The end-to-end tests compare the served top-k with it.
 - `OrtImageClassifier`, the in-process baseline of the benchmark (issue 6): the same decode, the
@@ -32,9 +32,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from PIL import Image, ImageOps
 
-from kiln import paths, tensors
+from kiln import paths, registry, tensors
 from kiln.build.publish import published_path
-from kiln.build.specs import SPECS
 from kiln.spec import EnsembleSpec, ModelSpec, served_specs
 
 if TYPE_CHECKING:
@@ -101,7 +100,7 @@ def pipeline(name: str) -> ImagePipeline:
     Raises:
         KeyError: no such ensemble, or one without the three steps preprocess, model, classify.
     """
-    served = {spec.name: spec for spec in served_specs(SPECS)}
+    served = {spec.name: spec for spec in served_specs(registry.specs())}
     ensemble = served.get(name)
     backends = [getattr(served.get(step.model), "backend", None) for step in getattr(ensemble, "steps", ())]
     if not isinstance(ensemble, EnsembleSpec) or len(backends) != 3 or (
@@ -113,7 +112,7 @@ def pipeline(name: str) -> ImagePipeline:
         raise KeyError(f"{name!r} is not an image pipeline; known: {', '.join(sorted(known))}")
     pre, model, post = (served[step.model] for step in ensemble.steps)
     built = next(
-        spec for spec in SPECS if isinstance(spec, ModelSpec) and spec.build is not None
+        spec for spec in registry.specs() if isinstance(spec, ModelSpec) and spec.build is not None
         and any(v.name == model.name for v in served_specs([spec]))
     )
     precision = "fp32" if model.name == built.name else model.name.removeprefix(f"{built.name}_")
@@ -135,7 +134,7 @@ def pipeline(name: str) -> ImagePipeline:
 
 # -- decode and preprocess (independent of kiln.serving.image) ---------------------------------
 def _target(width: int, height: int, image_size: int, crop_fraction: float) -> tuple[int, int]:
-    """kiln.build.resnet50.preprocess's resize size for a width x height image."""
+    """kiln.models.resnet50.build.preprocess's resize size for a width x height image."""
     short = max(image_size, round(image_size / crop_fraction))
     scale = short / min(width, height)
     return max(short, round(width * scale)), max(short, round(height * scale))
@@ -211,7 +210,7 @@ def _floats(text: str) -> tuple[float, ...]:
 class ReferencePreprocessing:
     """Files -> the model input, the build's way, with the preprocessing spec's parameters.
 
-    Three channels go through `kiln.build.resnet50.preprocess` itself, which fixes the ImageNet
+    Three channels go through `kiln.models.resnet50.build.preprocess` itself, which fixes the ImageNet
     mean and std, 255 and the bilinear filter: a spec asking for others is refused here, not
     silently computed otherwise.
     """
@@ -233,13 +232,13 @@ class ReferencePreprocessing:
                 f"model {spec.name!r}: the reference resizes bilinearly, the spec says {resample!r}"
             )
         if self.channels == 3:
-            from kiln.build import resnet50
+            from kiln.models.resnet50 import build as resnet50
 
             build = (resnet50.IMAGENET_MEAN, resnet50.IMAGENET_STD, resnet50.PIXEL_MAX, MAX_LEVEL)
             given = (self.mean, self.std, self.pixel_scale, self.background)
             if tuple(map(tuple, build[:2])) + build[2:] != given:
                 raise ValueError(
-                    f"model {spec.name!r}: kiln.build.resnet50.preprocess normalizes with mean "
+                    f"model {spec.name!r}: kiln.models.resnet50.build.preprocess normalizes with mean "
                     f"{build[0]}, std {build[1]}, /{build[2]:g} on white; the spec gives {given}"
                 )
         elif len(self.mean) != 1 or len(self.std) != 1:
@@ -256,7 +255,7 @@ class ReferencePreprocessing:
         for data in images:
             pixels = self.decode(data)
             if self.channels == 3:
-                from kiln.build.resnet50 import preprocess
+                from kiln.models.resnet50.build import preprocess
 
                 items.append(preprocess(pixels, self.image_size, crop_fraction=self.crop_fraction))
             else:

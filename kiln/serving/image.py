@@ -10,7 +10,7 @@ scale and normalize through a per-channel lookup table (256 float32 values per c
 with the same float32 operations as `(pixel / pixel_scale - mean) / std`, so the result is
 bit-identical to computing it) into one float [N, C, H, W] array.
 
-The steps reproduce `kiln.build.resnet50.preprocess` exactly (checked by a unit test): RGBA is
+The steps reproduce `kiln.models.resnet50.build.preprocess` exactly (checked by a unit test): RGBA is
 composited on `alpha_background` (white) with the same float32 arithmetic, grey is repeated to
 RGB (resized as one channel, which gives the same pixels), Pillow's resampling filter, the same
 size rounding and crop offsets. For a one-channel model, RGB is converted to grey with Pillow's
@@ -289,7 +289,7 @@ def resize_target(width: int, height: int, image_size: int, crop_fraction: float
 
 def _composite(rgba: np.ndarray, background: float) -> np.ndarray:
     """uint8 [H, W, 4] -> uint8 [H, W, 3] composited on `background` (float32 arithmetic, rounded
-    half to even: the same operations as kiln.build.resnet50's RGBA conversion)."""
+    half to even: the same operations as kiln.models.resnet50.build's RGBA conversion)."""
     rgb = rgba[:, :, :3].astype(np.float32)
     alpha = rgba[:, :, 3:].astype(np.float32) / float(MAX_LEVEL)
     composite = rgb * alpha + background * (1.0 - alpha)

@@ -8,7 +8,7 @@ A request sends exactly one of two inputs (both are optional in the config):
 
 The output is FP32 [batch, features]: `(raw - mean) / std` per feature, computed in float64 and
 cast to float32, with the mean and std the build saved (`features.json`, published beside the
-model named by the parameter `stats_model`). That is exactly `kiln.build.fraud.FeatureStats`'
+model named by the parameter `stats_model`). That is exactly `kiln.models.fraud.build.FeatureStats`'
 standardization; this module re-reads the file without the build's imports (torch, scikit-learn),
 which a serving host need not have, and the unit tests check that both agree bit for bit.
 
@@ -39,7 +39,7 @@ from kiln.serving.onnx import ModelLoadError
 from kiln.serving.params import Param, parse_params
 
 STATS_FORMAT = 1
-"""The layout of the statistics file this step reads (`kiln.build.fraud.FEATURES_FORMAT`)."""
+"""The layout of the statistics file this step reads (`kiln.models.fraud.build.FEATURES_FORMAT`)."""
 DEFAULT_MAX_RECORD_BYTES = 65_536
 """A record of a few dozen features is a few hundred bytes; this bounds the parser's work."""
 

@@ -2,9 +2,9 @@
 
 `TextTokenizer` runs a whole dynamic batch through one `encode_batch` call of the HF `tokenizers`
 library, with the `tokenizer.json` the build published beside the encoder (see
-`kiln.build.text_encoder`): each text becomes [CLS] tokens [SEP], truncated at `max_length`
+`kiln.models.text_encoder.build`): each text becomes [CLS] tokens [SEP], truncated at `max_length`
 tokens (the [SEP] kept), and each request's rows are padded with the tokenizer's [PAD] id to the
-longest text of that request. That is exactly `kiln.build.text_encoder.encode` (the encoding the
+longest text of that request. That is exactly `kiln.models.text_encoder.build.encode` (the encoding the
 build evaluated the model with) applied to each request's texts.
 
 Every text is checked before it is tokenized; a bad one is its request's error, naming the item:
@@ -149,7 +149,7 @@ def texts_of(inputs: Inputs, max_text_bytes: int, name: str = tensors.TEXT) -> l
 
 
 def configure(tokenizer: Tokenizer, max_length: int, truncation: bool, pad_token: str) -> Tokenizer:
-    """A copy of `tokenizer` set up as `kiln.build.text_encoder.encode` sets it up: truncation at
+    """A copy of `tokenizer` set up as `kiln.models.text_encoder.build.encode` sets it up: truncation at
     `max_length` (when on) and padding to the longest text of a batch with `pad_token`'s id.
 
     Raises:

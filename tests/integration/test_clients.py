@@ -23,7 +23,6 @@ import pytest
 import tritonclient.http as httpclient
 
 from kiln import tensors
-from kiln.build.specs import by_name
 from kiln.clients import (
     AsyncClient,
     Client,
@@ -36,6 +35,7 @@ from kiln.clients import (
     ServerUnavailableError,
     shm,
 )
+from kiln.registry import by_name
 from kiln.server import TritonServer, pick_free_ports
 
 DIGITS = "digits"

@@ -23,8 +23,6 @@ import tritonclient.http as httpclient
 from PIL import Image
 
 from kiln import paths, tensors
-from kiln.build.digits import load_split
-from kiln.build.specs import by_name
 from kiln.clients import (
     AsyncDigitsReader,
     AsyncFraudScorer,
@@ -40,6 +38,8 @@ from kiln.clients import (
     TextEmbedder,
     shm,
 )
+from kiln.models.digits.build import load_split
+from kiln.registry import by_name
 from kiln.server import TritonServer
 
 PROTOCOLS = ("http", "grpc")

@@ -22,8 +22,8 @@ from tritonclient.utils import InferenceServerException
 
 from kiln import paths, tensors
 from kiln.build.check import assert_same_top1
-from kiln.build.digits import load_split, load_trained
-from kiln.build.specs import by_name
+from kiln.models.digits.build import load_split, load_trained
+from kiln.registry import by_name
 from kiln.repository import generate
 from kiln.server import TritonServer
 from kiln.spec import DynamicBatching, Variant

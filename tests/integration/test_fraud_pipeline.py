@@ -2,7 +2,7 @@
 
 Held-out transactions go through the served ensemble (kiln_tabular -> fraud -> kiln_threshold) as
 JSON records and as raw feature values; scores must match the in-process PyTorch pipeline
-(`kiln.build.reference.fraud.TorchReference`: the build's FeatureStats and the trained checkpoint)
+(`kiln.models.fraud.reference.TorchReference`: the build's FeatureStats and the trained checkpoint)
 to 1e-5 and decisions must be equal at the threshold the build published (`decision.json`, chosen
 by the source's rule from the model it trained: no threshold is written into the spec, because the
 trained weights differ between CPUs). Malformed records sent together with good requests, so that
@@ -25,8 +25,9 @@ import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
 from kiln import paths, tensors
-from kiln.build.reference import fraud as reference_pipeline
-from kiln.build.specs import by_name, fraud_pipelines
+from kiln.models.fraud import pipeline as fraud_pipelines
+from kiln.models.fraud import reference as reference_pipeline
+from kiln.registry import by_name
 from kiln.repository import generate
 from kiln.server import TritonServer
 from kiln.spec import DynamicBatching, Variant

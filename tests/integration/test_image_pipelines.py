@@ -29,16 +29,18 @@ from PIL import Image
 from tritonclient.utils import InferenceServerException
 
 from kiln import paths, tensors
-from kiln.build.digits import PIXEL_SCALE, load_split
 from kiln.build.reference.image import OrtImageClassifier, TopK, TorchImageClassifier
-from kiln.build.specs import by_name, image_pipelines
+from kiln.models.digits import pipeline as digits_pipeline
+from kiln.models.digits.build import PIXEL_SCALE, load_split
+from kiln.models.resnet50 import pipeline as resnet50_pipeline
+from kiln.registry import by_name
 from kiln.repository import generate
 from kiln.server import FREE_PORT, TritonServer
 from kiln.spec import DynamicBatching, Variant
 
 PROTOCOLS = ("http", "grpc")
 DIGITS = by_name("digits")
-DIGITS_BATCH = image_pipelines.DIGITS_READER_MAX_BATCH
+DIGITS_BATCH = digits_pipeline.DIGITS_READER_MAX_BATCH
 LOGIT_TIE = 1e-4
 """Two classes whose reference logits differ by less than this (the export check's atol) may
 swap places between PyTorch and ONNX Runtime; every other position must agree exactly."""
@@ -222,8 +224,8 @@ def int8_reference(photo_files) -> TopK:
 
 
 def test_image_classifier_top5_equals_the_pytorch_reference(client, photo_files, torch_reference) -> None:
-    served = classify(client, tensors.IMAGE_CLASSIFIER, photo_files, image_pipelines.IMAGE_CLASSIFIER_MAX_BATCH)
-    assert served.indices.shape == (len(photo_files), image_pipelines.IMAGE_TOP_K)
+    served = classify(client, tensors.IMAGE_CLASSIFIER, photo_files, resnet50_pipeline.IMAGE_CLASSIFIER_MAX_BATCH)
+    assert served.indices.shape == (len(photo_files), resnet50_pipeline.IMAGE_TOP_K)
     assert_same_ranking(served, torch_reference)
     assert served.labels[0] == [f"class_{i:04d}" for i in served.indices[0]]
     assert len({tuple(row) for row in served.indices.tolist()}) > 3, "the photos should not all rank alike"
@@ -247,7 +249,7 @@ def test_corrupt_and_bomb_files_fail_alone_and_are_counted(client, server: Trito
         "random bytes": np.random.default_rng(1).bytes(5000),
         "truncated JPEG": photo_files[2][: len(photo_files[2]) // 3],
     }
-    preprocess = image_pipelines.RESNET50_PREPROCESS
+    preprocess = resnet50_pipeline.RESNET50_PREPROCESS
     decode_before = failure_count(server, preprocess, "decode")
     large_before = failure_count(server, preprocess, "too_large")
     for what, data in corrupt.items():
@@ -260,13 +262,13 @@ def test_corrupt_and_bomb_files_fail_alone_and_are_counted(client, server: Trito
         client.infer(tensors.IMAGE_CLASSIFIER, image_input(client, [bomb]))
     assert (
         f"image 0 of the request is too large: its PNG header says {BOMB_SIDE}x{BOMB_SIDE} = "
-        f"{BOMB_SIDE**2} pixels, over max_pixels {image_pipelines.RESNET50_MAX_PIXELS} (rejected before decoding)"
+        f"{BOMB_SIDE**2} pixels, over max_pixels {resnet50_pipeline.RESNET50_MAX_PIXELS} (rejected before decoding)"
     ) in caught.value.message()
     assert failure_count(server, preprocess, "decode") == decode_before + len(corrupt)
     assert failure_count(server, preprocess, "too_large") == large_before + 1
     assert server.returncode is None
     answer = answers(client.infer(tensors.IMAGE_CLASSIFIER, image_input(client, [good])))
-    assert answer.indices.shape == (1, image_pipelines.IMAGE_TOP_K)
+    assert answer.indices.shape == (1, resnet50_pipeline.IMAGE_TOP_K)
 
 
 @pytest.fixture(scope="module")
@@ -278,10 +280,10 @@ def batching_server(tmp_path_factory) -> Iterator[TritonServer]:
         DIGITS, warmup=(), build=dataclasses.replace(DIGITS.build, variants=(Variant("fp32"),))
     )
     preprocess = dataclasses.replace(
-        image_pipelines.DIGITS_PREPROCESS_SPEC,
+        digits_pipeline.DIGITS_PREPROCESS_SPEC,
         dynamic_batching=DynamicBatching(preferred_batch_sizes=(BURST,), max_queue_delay_us=2_000_000),
     )
-    specs = [model, preprocess, image_pipelines.DIGITS_CLASSIFY_SPEC, image_pipelines.DIGITS_READER]
+    specs = [model, preprocess, digits_pipeline.DIGITS_CLASSIFY_SPEC, digits_pipeline.DIGITS_READER]
     generate(specs, repository, backends=paths.available_backends())
     shutil.copytree(paths.model_repository() / DIGITS.name / "1", repository / DIGITS.name / "1", dirs_exist_ok=True)
     with TritonServer(repository, http_port=FREE_PORT, grpc_port=FREE_PORT, metrics_port=FREE_PORT) as server:
@@ -308,7 +310,7 @@ def test_a_corrupt_image_in_a_dynamic_batch_fails_alone(
     burst = [files[0], np.random.default_rng(2).bytes(300), files[1], jpeg[: len(jpeg) // 2], files[2], files[3]]
     bad = {1, 3}
     stats_client = make_client(batching_server, protocol)
-    before = _executions(stats_client, image_pipelines.DIGITS_PREPROCESS)
+    before = _executions(stats_client, digits_pipeline.DIGITS_PREPROCESS)
 
     def send(data: bytes):
         client = make_client(batching_server, protocol)
@@ -322,7 +324,7 @@ def test_a_corrupt_image_in_a_dynamic_batch_fails_alone(
     with ThreadPoolExecutor(max_workers=BURST) as pool:
         results = list(pool.map(send, burst))
 
-    after = _executions(stats_client, image_pipelines.DIGITS_PREPROCESS)
+    after = _executions(stats_client, digits_pipeline.DIGITS_PREPROCESS)
     stats_client.close()
     assert after == (before[0] + 1, before[1] + BURST), "the burst did not share one batch"
     good_index = iter(range(4))

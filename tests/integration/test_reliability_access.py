@@ -32,7 +32,9 @@ import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
 from kiln import paths
-from kiln.build.specs import by_name, fraud_pipelines
+from kiln.cli.serve import add_serve_command, server_from_args
+from kiln.models.fraud import pipeline as fraud_pipelines
+from kiln.registry import by_name
 from kiln.server import (
     DEFAULT_HOST,
     FREE_PORT,
@@ -40,7 +42,6 @@ from kiln.server import (
     find_tritonserver,
     generate_repository_key,
 )
-from kiln.server_cli import add_serve_command, server_from_args
 from kiln.serving.adapter import LoadContext
 from kiln.spec import SpecError, TensorSpec, validate
 

@@ -41,6 +41,7 @@ from typing import NamedTuple
 import numpy as np
 import pytest
 
+from kiln.cli.serve import RELOAD_TIMEOUT_S
 from kiln.clients import Client, RetryPolicy, ServerError, ServerUnavailableError
 from kiln.server import (
     FREE_PORT,
@@ -50,7 +51,6 @@ from kiln.server import (
     TritonServer,
     pick_free_ports,
 )
-from kiln.server_cli import RELOAD_TIMEOUT_S
 
 HOST = "127.0.0.1"
 FREE_PORTS = {"http_port": FREE_PORT, "grpc_port": FREE_PORT, "metrics_port": FREE_PORT}

@@ -283,6 +283,7 @@ def text_cases(contract: Contract) -> dict[str, Case]:
 
 
 def fraud_cases(contract: Contract) -> dict[str, Case]:
+    # Long by design: one flat table of cases, each a request and its expected message, read as a list.
     record = good_record()
     first = next(iter(record))
     encoded = json.dumps(record).encode()

@@ -223,6 +223,26 @@ def open_loop(rate: float, seconds: float, job: Callable[[int], None], sample: C
     return sent
 
 
+def rss_growth(
+    samples: list[tuple[float, dict[str, int]]], seconds: float
+) -> tuple[dict[str, float], dict[str, float], dict[str, float]]:
+    """Each process's median RSS in the first and in the last window after warm-up, and its growth
+    from one to the other in MiB."""
+    after_warmup = [s for t, s in samples if t >= seconds * WARMUP_FRACTION]
+    baseline, final = window(after_warmup, first=True), window(after_warmup, first=False)
+    growth = {name: (final[name] - baseline[name]) / MIB for name in baseline}
+    return baseline, final, growth
+
+
+def write_report(report: dict, samples: list[tuple[float, dict[str, int]]], pids: dict[str, int]) -> None:
+    """With KILN_SOAK_REPORT set: the report, plus every process's RSS samples, as JSON there."""
+    if os.environ.get(REPORT_ENV):
+        report["rss_mib_per_process"] = {
+            name: [round(s[name] / MIB, 1) for _, s in samples] for name in pids
+        }
+        Path(os.environ[REPORT_ENV]).write_text(json.dumps(report, indent=2))
+
+
 def test_soak_at_70_percent_of_capacity(server: TritonServer) -> None:
     seconds = SECONDS
     served = {name for name, state in server.models().items() if state == "READY"}
@@ -253,9 +273,7 @@ def test_soak_at_70_percent_of_capacity(server: TritonServer) -> None:
             client.close()
     elapsed = time.monotonic() - start
     done = sum(answers.sent.values()) - before
-    after_warmup = [s for t, s in samples if t >= seconds * WARMUP_FRACTION]
-    baseline, final = window(after_warmup, first=True), window(after_warmup, first=False)
-    growth = {name: (final[name] - baseline[name]) / MIB for name in baseline}
+    baseline, final, growth = rss_growth(samples, seconds)
     total_growth = sum(growth.values())
     report = {
         "seconds": round(elapsed, 1),
@@ -274,11 +292,7 @@ def test_soak_at_70_percent_of_capacity(server: TritonServer) -> None:
         "samples": len(samples),
     }
     print("\nsoak: " + json.dumps(report))
-    if os.environ.get(REPORT_ENV):
-        report["rss_mib_per_process"] = {
-            name: [round(s[name] / MIB, 1) for _, s in samples] for name in pids
-        }
-        Path(os.environ[REPORT_ENV]).write_text(json.dumps(report, indent=2))
+    write_report(report, samples, pids)
     assert not answers.errors, f"{len(answers.errors)} failed: {answers.errors[:5]}"
     assert done == sent and done / elapsed >= 0.9 * rate, f"the server fell behind: {report}"
     assert processes(server) == pids, "a process was replaced during the soak"

@@ -15,12 +15,13 @@ import pytest
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import np_to_triton_dtype
 
-from kiln import paths
+from kiln import paths, registry
 from kiln.build import check
 from kiln.build.pipeline import source_stage
-from kiln.build.specs import SPECS
 from kiln.server import TritonServer
 from kiln.spec import ModelSpec
+
+SPECS = registry.specs()
 
 BUILT = [spec for spec in SPECS if spec.build is not None]
 FLOAT_SLACK = 1e-9

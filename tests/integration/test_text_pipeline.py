@@ -2,7 +2,7 @@
 
 Real texts (short, longer than max_length tokens, accented, CJK and emoji, punctuation, real
 docstring prose) go through the ensemble (kiln_text -> text_encoder -> kiln_pool); each embedding
-must match the in-process PyTorch reference (`kiln.build.reference.text`) with cosine >= 0.999.
+must match the in-process PyTorch reference (`kiln.models.text_encoder.reference`) with cosine >= 0.999.
 An empty text, invalid UTF-8 and a text over max_text_bytes, each sent at the same time as good
 requests on a server whose tokenizer waits to batch exactly that many requests, must fail alone
 with their own message while the good requests in the same dynamic batch succeed.
@@ -24,10 +24,10 @@ import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
 from kiln import paths, tensors
-from kiln.build.reference.text import OrtTextEmbedder, TorchTextEmbedder
-from kiln.build.specs import by_name
-from kiln.build.specs import text_pipelines as pipelines
-from kiln.build.text_encoder import evaluation_texts
+from kiln.models.text_encoder import pipeline as pipelines
+from kiln.models.text_encoder.build import evaluation_texts
+from kiln.models.text_encoder.reference import OrtTextEmbedder, TorchTextEmbedder
+from kiln.registry import by_name
 from kiln.repository import generate
 from kiln.server import FREE_PORT, TritonServer
 from kiln.spec import DynamicBatching, Variant

@@ -11,9 +11,9 @@ import pytest
 import torch
 from sklearn.datasets import load_digits
 
-from kiln.build import digits
 from kiln.build.publish import checkpoint_path
-from kiln.build.specs.digits import SPEC as DIGITS
+from kiln.models.digits import build as digits
+from kiln.models.digits.spec import SPEC as DIGITS
 
 SOURCE = DIGITS.build.source
 TOTAL_IMAGES = 1797

@@ -13,8 +13,9 @@ import pytest
 import torch
 
 from kiln import tensors
-from kiln.build import check, digits, export
-from kiln.build.specs.digits import SPEC as DIGITS
+from kiln.build import check, export
+from kiln.models.digits import build as digits
+from kiln.models.digits.spec import SPEC as DIGITS
 from kiln.spec import TensorSpec
 
 

@@ -12,11 +12,11 @@ import pytest
 import torch
 from sklearn.metrics import roc_auc_score
 
-from kiln.build import fraud
 from kiln.build.check import HeldOut
 from kiln.build.publish import checkpoint_path
-from kiln.build.specs.fraud import SPEC as FRAUD
-from kiln.spec import FraudMLPSource
+from kiln.models.fraud import build as fraud
+from kiln.models.fraud.spec import SPEC as FRAUD
+from kiln.models.fraud.spec import FraudMLPSource
 
 SOURCE = FRAUD.build.source
 SMALL = replace(SOURCE, samples=5_000, calibration_size=64)

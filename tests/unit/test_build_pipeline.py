@@ -16,8 +16,9 @@ import pytest
 from onnx import numpy_helper
 
 from kiln import tensors
-from kiln.build import check, digits, export, pipeline, publish
-from kiln.build.specs.digits import SPEC as DIGITS
+from kiln.build import check, export, pipeline, publish
+from kiln.models.digits import build as digits
+from kiln.models.digits.spec import SPEC as DIGITS
 from kiln.repository import config_dict
 from kiln.serving.onnx import OnnxModel
 from kiln.spec import (
@@ -373,7 +374,7 @@ def test_build_command_flags() -> None:
 def test_build_command_builds_into_the_configured_folders(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    monkeypatch.setattr("kiln.build.specs.SPECS", (FAST,))
+    monkeypatch.setattr("kiln.registry.specs", lambda: (FAST,))
     monkeypatch.setenv("KILN_ARTIFACTS", str(tmp_path / "artifacts"))
     monkeypatch.setenv("KILN_MODEL_REPOSITORY", str(tmp_path / "repo"))
     args = _command(["build"])
@@ -397,7 +398,7 @@ def test_build_command_reports_errors_in_one_paragraph_without_traceback(
     assert err.startswith("kiln build: model 'nope', stage 'select': no model named 'nope'")
     assert "Traceback" not in err
 
-    monkeypatch.setattr("kiln.build.specs.SPECS", (_with(FAST, epochs=0),))
+    monkeypatch.setattr("kiln.registry.specs", lambda: (_with(FAST, epochs=0),))
     args = _command(["build"])
     assert args.func(args) == pipeline.EXIT_BAD_INPUT
     err = capsys.readouterr().err
@@ -550,7 +551,7 @@ def test_int8_past_its_budget_fails_the_build_and_publishes_nothing(
 ) -> None:
     _degraded_calibration(monkeypatch)
     strict = _with_variants(FAST, Variant("fp32"), Variant("int8", max_metric_drop=0.0))
-    monkeypatch.setattr("kiln.build.specs.SPECS", (strict,))
+    monkeypatch.setattr("kiln.registry.specs", lambda: (strict,))
     monkeypatch.setenv("KILN_ARTIFACTS", str(tmp_path / "artifacts"))
     monkeypatch.setenv("KILN_MODEL_REPOSITORY", str(tmp_path / "repo"))
     args = _command(["build"])
@@ -790,14 +791,14 @@ def test_user_checkpoint_source_is_loaded_not_exported_from_onnx(
     built: Built, tmp_path: Path
 ) -> None:
     source = CheckpointSource(
-        factory="kiln.build.digits:build_model",
+        factory="kiln.models.digits.build:build_model",
         checkpoint=str(built.artifacts / "digits" / "checkpoint.pt"),
         held_out=str(_user_held_out(tmp_path / "held.npz")),
     )
     results, output = _build([_user_spec(source)], tmp_path / "artifacts", tmp_path / "repo")
     assert [r.variant for r in results] == ["fp32", "int8"]
     assert "[mine] train: PyTorch top-1 agreement with FP32 1.0000 on 360 held-out items" in output
-    assert "kiln.build.digits:build_model -> Sequential" in output
+    assert "kiln.models.digits.build:build_model -> Sequential" in output
     entry = _manifest_of(tmp_path / "artifacts", "mine")["variants"]["fp32"]
     assert (entry["exporter"], entry["checkpoint"]) == (export.DEFAULT_EXPORTER, "mine/checkpoint.pt")
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from kiln.build import publish
-from kiln.build.specs.digits import SPEC as DIGITS
+from kiln.models.digits.spec import SPEC as DIGITS
 from kiln.spec import DynamicBatching
 
 TOOLS = {"python": "3.11.7", "torch": "2.13.0", "onnx": "1.22.0"}

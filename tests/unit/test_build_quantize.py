@@ -12,9 +12,10 @@ import pytest
 from onnx import TensorProto
 
 from kiln import tensors
-from kiln.build import check, digits, export, quantize
-from kiln.build.specs.digits import INT8_MAX_DROP
-from kiln.build.specs.digits import SPEC as DIGITS
+from kiln.build import check, export, quantize
+from kiln.models.digits import build as digits
+from kiln.models.digits.spec import INT8_MAX_DROP
+from kiln.models.digits.spec import SPEC as DIGITS
 from kiln.spec import TensorSpec, Tolerance
 
 FAST_EPOCHS = 6

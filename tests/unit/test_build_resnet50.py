@@ -16,9 +16,9 @@ import torch
 from torch import nn
 
 from kiln import tensors
-from kiln.build import resnet50
 from kiln.build.publish import checkpoint_path
-from kiln.build.specs.resnet50 import SPEC as RESNET50
+from kiln.models.resnet50 import build as resnet50
+from kiln.models.resnet50.spec import SPEC as RESNET50
 from kiln.spec import validate
 
 SOURCE = RESNET50.build.source

@@ -20,7 +20,6 @@ from onnx import TensorProto, helper
 
 from kiln.build import tensorrt as trt_stage
 from kiln.build.check import CheckError, compare
-from kiln.build.specs.digits import SPEC as DIGITS
 from kiln.build.tensorrt import (
     NO_GPU,
     NOT_INSTALLED,
@@ -29,6 +28,7 @@ from kiln.build.tensorrt import (
     EngineRecipe,
     EngineRecord,
 )
+from kiln.models.digits.spec import SPEC as DIGITS
 from kiln.spec import BuildSpec, DynamicBatching, ModelSpec, OnnxFileSource, TensorSpec, Tolerance
 
 AVAILABLE, REASON = trt_stage.availability()

@@ -12,9 +12,9 @@ import torch
 
 from kiln import tensors
 from kiln.build import check, export
-from kiln.build import text_encoder as te
-from kiln.build.specs.text_encoder import SPEC
-from kiln.spec import TensorSpec, TextEncoderSource, validate
+from kiln.models.text_encoder import build as te
+from kiln.models.text_encoder.spec import SPEC, TextEncoderSource
+from kiln.spec import TensorSpec, validate
 
 SOURCE: TextEncoderSource = SPEC.build.source
 SMALL = replace(

@@ -32,7 +32,9 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from kiln import paths, tensors
-from kiln.build.specs import image_pipelines, text_pipelines
+from kiln.models.digits import pipeline as digits_pipeline
+from kiln.models.resnet50 import pipeline as resnet50_pipeline
+from kiln.models.text_encoder import pipeline as text_pipelines
 from kiln.repository import config_dict
 from kiln.serving.image import ImagePreprocessor, from_config
 from kiln.serving.params import parse_params
@@ -70,8 +72,8 @@ def image_step(spec) -> ImagePreprocessor:
 @pytest.fixture(scope="module", params=["resnet50", "digits"])
 def image(request) -> ImagePreprocessor:
     spec = {
-        "resnet50": image_pipelines.RESNET50_PREPROCESS_SPEC,
-        "digits": image_pipelines.DIGITS_PREPROCESS_SPEC,
+        "resnet50": resnet50_pipeline.RESNET50_PREPROCESS_SPEC,
+        "digits": digits_pipeline.DIGITS_PREPROCESS_SPEC,
     }[request.param]
     return image_step(spec)
 
@@ -85,8 +87,8 @@ def text() -> TextTokenizer:
     published = paths.model_repository() / params.tokenizer_model / "1" / params.tokenizer_file
     if published.is_file():
         return TextTokenizer.from_file(published, params, spec.name)
-    from kiln.build import text_encoder
-    from kiln.build.specs import by_name
+    from kiln.models.text_encoder import build as text_encoder
+    from kiln.registry import by_name
 
     tokenizer = text_encoder.train_tokenizer(by_name(params.tokenizer_model).build.source)
     return TextTokenizer(tokenizer, params, spec.name)

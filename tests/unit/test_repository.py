@@ -9,10 +9,12 @@ import pytest
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
-from kiln import paths
-from kiln.build.specs import SPECS, by_name
+from kiln import paths, registry
+from kiln.registry import by_name
 from kiln.repository import generate, model_config, render, served_specs, stale
 from kiln.spec import DynamicBatching, SpecError, Variant
+
+SPECS = registry.specs()
 
 DIGITS = by_name("digits")
 

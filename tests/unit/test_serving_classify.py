@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from kiln import tensors
-from kiln.build.specs import image_pipelines
+from kiln.models.digits import pipeline as digits_pipeline
+from kiln.models.resnet50 import pipeline as resnet50_pipeline
 from kiln.serving.adapter import LoadContext
 from kiln.serving.batch import RequestError
 from kiln.serving.classify import (
@@ -210,7 +211,7 @@ CONTRACTS = {
 @pytest.mark.parametrize("name", list(CONTRACTS))
 def test_pipeline_contract(name: str) -> None:
     model, max_batch, k = CONTRACTS[name]
-    served = {spec.name: spec for spec in served_specs(image_pipelines.SPECS)}
+    served = {spec.name: spec for spec in served_specs((*resnet50_pipeline.SPECS, *digits_pipeline.SPECS))}
     ensemble = served[name]
     assert isinstance(ensemble, EnsembleSpec) and ensemble.max_batch_size == max_batch
     assert [(t.name, t.dtype, t.dims, t.optional) for t in ensemble.inputs] == [(tensors.IMAGE, "BYTES", (1,), False)]
@@ -224,11 +225,11 @@ def test_pipeline_contract(name: str) -> None:
 
 
 def test_labels_files_match_the_models_classes() -> None:
-    from kiln.build.specs.digits import SPEC as DIGITS
-    from kiln.build.specs.resnet50 import SPEC as RESNET50
+    from kiln.models.digits.spec import SPEC as DIGITS
+    from kiln.models.resnet50.spec import SPEC as RESNET50
 
-    resnet = image_pipelines.RESNET50_CLASSIFY_SPEC.files["labels.txt"].splitlines()
+    resnet = resnet50_pipeline.RESNET50_CLASSIFY_SPEC.files["labels.txt"].splitlines()
     assert len(resnet) == RESNET50.outputs[0].dims[0] == 1000
     assert resnet[0] == "class_0000" and resnet[-1] == "class_0999"
-    digits = image_pipelines.DIGITS_CLASSIFY_SPEC.files["labels.txt"].splitlines()
+    digits = digits_pipeline.DIGITS_CLASSIFY_SPEC.files["labels.txt"].splitlines()
     assert digits == [str(i) for i in range(DIGITS.outputs[0].dims[0])]

@@ -32,6 +32,8 @@ def test_each_step_s_request_errors_are_request_errors() -> None:
 def _error_classes(package: object) -> dict[str, list[str]]:
     names: dict[str, list[str]] = {}
     for info in pkgutil.walk_packages(package.__path__, package.__name__ + "."):  # type: ignore[attr-defined]
+        if info.name.endswith(".__main__"):
+            continue  # `python -m` entry points run their command when imported
         module = importlib.import_module(info.name)
         for name, cls in inspect.getmembers(module, inspect.isclass):
             if issubclass(cls, BaseException) and cls.__module__ == module.__name__:

@@ -1,7 +1,7 @@
 """kiln_image's logic without Triton: parameters, the build's preprocessing reproduced bit for bit,
 every guard's error, and a dynamic batch where a bad image fails only its own request.
 
-The expected values are computed with Pillow and `kiln.build.resnet50.preprocess` (the build's
+The expected values are computed with Pillow and `kiln.models.resnet50.build.preprocess` (the build's
 own code), never with `kiln.serving.image`.
 """
 
@@ -17,8 +17,8 @@ import pytest
 from PIL import Image, ImageOps
 
 from kiln import tensors
-from kiln.build import resnet50
-from kiln.build.specs import image_pipelines
+from kiln.models.resnet50 import build as resnet50
+from kiln.models.resnet50 import pipeline as resnet50_pipeline
 from kiln.serving.image import (
     IMAGE_PARAMS,
     ImageError,
@@ -116,12 +116,12 @@ def test_bad_params_name_the_model_key_and_value(raw: dict, message: str) -> Non
 
 def test_spec_constants_are_the_builds() -> None:
     """The spec module cannot import the build (torch); its copies must agree with it."""
-    assert image_pipelines.IMAGENET_MEAN == resnet50.IMAGENET_MEAN
-    assert image_pipelines.IMAGENET_STD == resnet50.IMAGENET_STD
-    assert image_pipelines.RESNET50_CROP_FRACTION == resnet50.CENTER_CROP_FRACTION
-    assert image_pipelines.PIXEL_SCALE == resnet50.PIXEL_MAX
-    assert image_pipelines.RESAMPLE == "bilinear" and resnet50.RESAMPLE == Image.Resampling.BILINEAR
-    spec = image_pipelines.RESNET50_PREPROCESS_SPEC
+    assert resnet50_pipeline.IMAGENET_MEAN == resnet50.IMAGENET_MEAN
+    assert resnet50_pipeline.IMAGENET_STD == resnet50.IMAGENET_STD
+    assert resnet50_pipeline.RESNET50_CROP_FRACTION == resnet50.CENTER_CROP_FRACTION
+    assert resnet50_pipeline.PIXEL_SCALE == resnet50.PIXEL_MAX
+    assert resnet50_pipeline.RESAMPLE == "bilinear" and resnet50.RESAMPLE == Image.Resampling.BILINEAR
+    spec = resnet50_pipeline.RESNET50_PREPROCESS_SPEC
     params = image_params(spec.name, spec.parameters)
     assert (params.num_channels, params.image_size) == (resnet50.CHANNELS, 224)
 
@@ -246,7 +246,7 @@ def test_served_spec_equals_the_reference_pipeline() -> None:
     """The served configuration (JPEG draft on) and `kiln.build.reference.image` see the same input."""
     from kiln.build.reference.image import ReferencePreprocessing
 
-    spec = image_pipelines.RESNET50_PREPROCESS_SPEC
+    spec = resnet50_pipeline.RESNET50_PREPROCESS_SPEC
     served = ImagePreprocessor(image_params(spec.name, spec.parameters), tensors.IMAGE, "out")
     big = np.asarray(Image.fromarray(photo("astronaut")).resize((1500, 1100), Image.Resampling.BICUBIC))
     files = [encode(big, "JPEG", quality=90), encode(photo("camera"), "JPEG"), encode(rgba_photo(), "PNG")]

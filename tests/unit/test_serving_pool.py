@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from kiln import tensors
-from kiln.build.reference.text import torch_mean_pool
+from kiln.models.text_encoder.reference import torch_mean_pool
 from kiln.serving import pool as pool_module
 from kiln.serving.adapter import LoadContext, failure_reason
 from kiln.serving.params import ParamError, parse_params

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 from kiln import tensors
-from kiln.build import fraud
-from kiln.build.specs.fraud import SOURCE
+from kiln.models.fraud import build as fraud
+from kiln.models.fraud.spec import SOURCE
 from kiln.serving.adapter import LoadContext
 from kiln.serving.onnx import ModelLoadError
 from kiln.serving.params import ParamError
@@ -41,7 +41,7 @@ def split() -> fraud.FraudSplit:
 
 @pytest.fixture(scope="module")
 def stats_file(split, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """features.json as the build writes it (`kiln.build.fraud.extra_files`), in a repository
+    """features.json as the build writes it (`kiln.models.fraud.build.extra_files`), in a repository
     laid out like the published one: <repo>/fraud/1/features.json."""
     folder = tmp_path_factory.mktemp("repository") / STATS_MODEL / "1"
     folder.mkdir(parents=True)

@@ -10,11 +10,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from kiln import paths, tensors
-from kiln.build import text_encoder as te
-from kiln.build.reference.text import prepared_encoder
-from kiln.build.specs import SPECS, by_name
-from kiln.build.specs import text_pipelines as pipelines
+from kiln import paths, registry, tensors
+from kiln.models.text_encoder import build as te
+from kiln.models.text_encoder import pipeline as pipelines
+from kiln.models.text_encoder.reference import prepared_encoder
+from kiln.registry import by_name
 from kiln.repository import render
 from kiln.serving.adapter import LoadContext, failure_reason
 from kiln.serving.params import ParamError, parse_params
@@ -28,6 +28,8 @@ from kiln.serving.text import (
     load,
 )
 from kiln.spec import validate
+
+SPECS = registry.specs()
 
 ENCODER = by_name("text_encoder")
 SOURCE = ENCODER.build.source

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from kiln import tensors
-from kiln.build.specs import fraud_pipelines
+from kiln.models.fraud import pipeline as fraud_pipelines
 from kiln.serving.adapter import LoadContext
 from kiln.serving.onnx import ModelLoadError
 from kiln.serving.params import ParamError, check_params

@@ -6,23 +6,25 @@ import dataclasses
 
 import pytest
 
-from kiln import paths
-from kiln.build.specs import SPECS, by_name
+from kiln import paths, registry
+from kiln.models.digits.spec import DigitsCNNSource
+from kiln.models.fraud.spec import FraudMLPSource
+from kiln.models.text_encoder.spec import TextEncoderSource
+from kiln.registry import by_name
 from kiln.spec import (
     CheckpointSource,
-    DigitsCNNSource,
     DynamicBatching,
-    FraudMLPSource,
     InstanceGroup,
     OnnxFileSource,
     SpecError,
     TensorSpec,
-    TextEncoderSource,
     Tolerance,
     Variant,
     Warmup,
     validate,
 )
+
+SPECS = registry.specs()
 
 BACKENDS = tuple(sorted(paths.available_backends()))
 DIGITS = by_name("digits")
@@ -133,7 +135,7 @@ def test_warmup_needs_fixed_dims() -> None:
         ({"source": CheckpointSource("mod", "x.pt", "x.npz")}, "'build.source.factory' must look like 'package.module:function', got 'mod'"),
         ({"source": CheckpointSource("pkg.mod:make", "no/such.pt", "x.npz")}, "'build.source.checkpoint' names"),
         ({"source": OnnxFileSource("missing.onnx", "x.npz")}, "missing.onnx', which does not exist"),
-        ({"source": "resnet"}, "'build.source' must be one of DigitsCNNSource, ResNet50Source, TextEncoderSource, FraudMLPSource, CheckpointSource, OnnxFileSource, got str"),
+        ({"source": "resnet"}, "'build.source' must be a source dataclass instance (CheckpointSource, OnnxFileSource, or a model folder's own), got str"),
         ({"variants": (Variant("int8"),)}, "'build.variants' must start with the fp32 variant (the reference), got 'int8' first"),
         ({"variants": (Variant("fp32"), Variant("int4"))}, "'build.variants[1].precision' must be one of fp32, fp16, int8, got 'int4'"),
         ({"variants": (Variant("fp32"), Variant("fp32"))}, "'build.variants[1].precision' repeats 'fp32'"),

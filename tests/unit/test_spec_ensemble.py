@@ -9,7 +9,7 @@ import pytest
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
-from kiln.build.specs import by_name
+from kiln.registry import by_name
 from kiln.repository import generate, render, stale
 from kiln.spec import EnsembleSpec, EnsembleStep, ModelSpec, SpecError, TensorSpec, validate
 

@@ -13,10 +13,12 @@ import pytest
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
-from kiln import paths
-from kiln.build.specs import SPECS, by_name
+from kiln import paths, registry
+from kiln.registry import by_name
 from kiln.repository import render
 from kiln.spec import SpecError, VersionPolicy, served_specs, validate
+
+SPECS = registry.specs()
 
 BACKENDS = tuple(sorted(paths.available_backends()))
 FRAUD = by_name("fraud")

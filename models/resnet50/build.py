@@ -47,7 +47,9 @@ from torch import nn
 from kiln.build.check import HeldOut
 from kiln.build.publish import load_state_dict, save_state_dict
 from kiln.build.training import seeded
-from kiln.spec import ModelSpec, ResNet50Source
+from kiln.spec import ModelSpec
+
+from .spec import ResNet50Source
 
 if TYPE_CHECKING:
     from kiln.build.quantize import Int8Settings

@@ -23,7 +23,7 @@ output is the fraud probability (`kiln.tensors.FRAUD_PROBABILITY`, FP32 [batch, 
 trained with Adam on BCE-with-logits, positives weighted by the negative/positive ratio of the
 training split; the output bias is then shifted back by log(weight), which undoes the prior shift
 that weighting causes, so the probabilities stay close to calibrated (ROC-AUC is unaffected: the
-shift is monotone). Training is deterministic for a seed on one CPU, as in `kiln.build.digits`.
+shift is monotone). Training is deterministic for a seed on one CPU, as in `kiln.models.digits.build`.
 
 The decision threshold is derived here too, never written into the spec: `derived` scores the
 held-out split with the trained model and publishes `decision.json` (`choose_threshold`: the
@@ -57,7 +57,9 @@ from kiln.build.check import HeldOut
 from kiln.build.publish import atomic_path, load_state_dict, save_state_dict
 from kiln.build.training import seeded
 from kiln.serving.threshold import DECISION_FILE, DecisionThreshold
-from kiln.spec import FraudMLPSource, ModelSpec
+from kiln.spec import ModelSpec
+
+from .spec import FraudMLPSource
 
 METRIC = "ROC-AUC"
 FEATURES_FILE = "features.json"

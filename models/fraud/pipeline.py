@@ -5,7 +5,7 @@ Three served models and the ensemble that wires them:
   units) or FEATURE_VALUES FP32 [features] (the same numbers in the build's order); a request
   sends exactly one -> FRAUD_FEATURES FP32 [features], standardized with the `features.json` the
   build published beside `fraud` (the training split's mean and std).
-- `fraud` (FP32; built by `build/specs/fraud.py`): standardized features -> FRAUD_PROBABILITY.
+- `fraud` (FP32; the model of this folder, `spec.py`): standardized features -> FRAUD_PROBABILITY.
 - `fraud_threshold` (kiln_threshold): the probability -> SCORE FP32 [1] (unchanged) and DECISION
   BOOL [1] (score >= the threshold the fraud build chose and published as `decision.json`).
 Both ensemble inputs are optional (Triton's `optional: true`); the integration tests send each
@@ -20,10 +20,11 @@ requests to join a batch.
 from __future__ import annotations
 
 from kiln import tensors
-from kiln.build.specs.fraud import SOURCE
-from kiln.build.specs.fraud import SPEC as FRAUD
 from kiln.serving.threshold import DECISION_FILE as DECISION_FILE  # what the fraud build publishes
 from kiln.spec import DynamicBatching, EnsembleSpec, EnsembleStep, InstanceGroup, ModelSpec, TensorSpec
+
+from .spec import SOURCE
+from .spec import SPEC as FRAUD
 
 FEATURES_MODEL = "fraud_features"
 """The kiln_tabular step's model name."""
@@ -34,14 +35,14 @@ MAX_BATCH_SIZE = FRAUD.max_batch_size
 STEP_QUEUE_DELAY_US = 100
 """How long the processing steps wait for other requests to join a batch."""
 STATS_FILE = "features.json"
-"""What the build publishes beside fraud (`kiln.build.fraud.FEATURES_FILE`)."""
+"""What the build publishes beside fraud (`kiln.models.fraud.build.FEATURES_FILE`)."""
 
 MIN_RECALL = SOURCE.min_recall
 """The stated trade-off: catch at least 4 in 5 frauds, with as few false alarms as that allows.
-The build (`kiln.build.fraud.derived`) picks the highest threshold on a `SOURCE.threshold_step`
+The build (`kiln.models.fraud.build.derived`) picks the highest threshold on a `SOURCE.threshold_step`
 grid whose recall on the held-out split reaches it, from the model it just trained, and publishes
 it; no threshold is written here, because trained weights (and so the threshold that meets the
-rule) differ between CPUs. `python -m kiln.build.reference.fraud` prints the trade-off around it.
+rule) differ between CPUs. `python -m kiln.models.fraud.reference` prints the trade-off around it.
 The data are synthetic: re-choose the rule for real traffic and its costs."""
 
 _features = TensorSpec(tensors.FRAUD_FEATURES, "FP32", (SOURCE.features,))

@@ -81,7 +81,9 @@ from kiln.build.publish import (
     write_bytes_atomic,
 )
 from kiln.build.training import seeded
-from kiln.spec import ModelSpec, TextEncoderSource
+from kiln.spec import ModelSpec
+
+from .spec import TextEncoderSource
 
 Progress = Callable[[str], None]
 

@@ -1,8 +1,8 @@
 """`kiln serve`: run the embedded tritonserver on a model repository until Ctrl-C.
 
-The dispatcher (`kiln.cli`) calls `add_serve_command(subparsers)`; the command builds a
-`TritonServer` from the flags and hands it to `serve()`, which also takes an `on_ready` hook (the
-dispatcher's `--demo` runs a prediction there). kiln's own lines go to stdout, Triton's log to
+The dispatcher (`kiln.cli`) calls `add_serve_command(subparsers)` and `add_demo_flag(parser)`; the
+command builds a `TritonServer` from the flags and hands it to `serve()`, which also takes an
+`on_ready` hook (`--demo` runs a prediction there). kiln's own lines go to stdout, Triton's log to
 stderr (unless --quiet) and always to a log file; errors are one or two lines on stderr, no
 traceback, and a non-zero exit code.
 
@@ -49,12 +49,12 @@ PROG = "kiln serve"
 EXIT_OK = 0
 EXIT_ERROR = 1
 SERVE_POLL_S = 0.5
+"""How often `serve()` checks that tritonserver is still alive while serving."""
 RELOAD_TIMEOUT_S = 60.0
 """Bound on reloading a model whose stub died. Triton 2.51 can itself abort (SIGABRT,
 boost::interprocess::lock_exception) when a stub was killed holding its shared-memory lock, and a
 reload against it may then never be answered: kiln stops waiting, reports, and exits 1 for a
 supervisor to restart it, instead of hanging."""
-"""How often `serve()` checks that tritonserver is still alive while serving."""
 
 ON_BACKEND_CRASH = ("reload", "exit")
 """What `kiln serve` does when a backend stub dies: reload its model in place, or exit 1."""
@@ -69,8 +69,8 @@ def add_serve_command(subparsers: argparse._SubParsersAction) -> argparse.Argume
     """Registers `serve` on the `kiln` subparsers; sets `func` to `run_serve`.
 
     Returns:
-        The `serve` parser, so the dispatcher can add flags (e.g. --demo) and replace `func`
-        with one that calls `run_serve(args, on_ready=...)`.
+        The `serve` parser, so the dispatcher can add flags (e.g. --demo, `add_demo_flag`) and
+        replace `func` with one that calls `run_serve(args, on_ready=...)`.
     """
     parser = subparsers.add_parser(
         "serve",
@@ -80,6 +80,37 @@ def add_serve_command(subparsers: argparse._SubParsersAction) -> argparse.Argume
             "Python-based backends, until Ctrl-C or SIGTERM."
         ),
     )
+    # The order of these calls is the order of the flags in --help.
+    _add_endpoint_flags(parser)
+    _add_model_flags(parser)
+    _add_log_flags(parser)
+    _add_operation_flags(parser)
+    parser.set_defaults(func=run_serve)
+    return parser
+
+
+def add_demo_flag(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Adds --demo to the `serve` parser and makes `func` run the demo once the server is ready."""
+    parser.add_argument(
+        "--demo", action="store_true",
+        help="once ready, classify a few held-out digits through the server and print a curl "
+        "line for the same request",
+    )
+    parser.set_defaults(func=run_serve_command)
+    return parser
+
+
+def run_serve_command(args: argparse.Namespace) -> int:
+    """`kiln serve` with --demo: `run_serve`, with the pipelines demo as `on_ready` when asked."""
+    on_ready = None
+    if args.demo:
+        from kiln.demo import pipelines_demo
+
+        on_ready = pipelines_demo
+    return run_serve(args, on_ready=on_ready)
+
+
+def _add_endpoint_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--repository", type=Path, default=paths.model_repository(),
         help="model repository to serve (default: %(default)s)",
@@ -101,6 +132,9 @@ def add_serve_command(subparsers: argparse._SubParsersAction) -> argparse.Argume
         "--free-ports", action="store_true",
         help="pick free ports for every endpoint not given a port flag",
     )
+
+
+def _add_model_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--model-control-mode", choices=MODEL_CONTROL_MODES, default="none",
         help="none: load every model at start; explicit: load --load-model ones; poll: reload "
@@ -119,6 +153,9 @@ def add_serve_command(subparsers: argparse._SubParsersAction) -> argparse.Argume
         help="on stop, how long Triton waits for in-flight requests and open client "
         "connections before it exits anyway (default: %(default)s)",
     )
+
+
+def _add_log_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--log-file", type=Path, default=None, metavar="PATH",
         help="save Triton's log here (default: a new file in the temp folder)",
@@ -131,6 +168,9 @@ def add_serve_command(subparsers: argparse._SubParsersAction) -> argparse.Argume
         "--quiet", action="store_true",
         help="do not stream Triton's log to stderr (it is still saved to the log file)",
     )
+
+
+def _add_operation_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--on-backend-crash", choices=ON_BACKEND_CRASH, default=None,
         help="when a backend's stub process dies (Triton 2.51 keeps its model READY but fails "
@@ -152,8 +192,6 @@ def add_serve_command(subparsers: argparse._SubParsersAction) -> argparse.Argume
         "--triton-arg", action="append", default=[], metavar="ARG",
         help="pass an argument through to tritonserver, e.g. --triton-arg=--log-info=false",
     )
-    parser.set_defaults(func=run_serve)
-    return parser
 
 
 def server_from_args(args: argparse.Namespace) -> TritonServer:

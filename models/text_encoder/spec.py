@@ -5,7 +5,7 @@ The transformer workload: token ids and an attention mask in, per-token embeddin
 mean-pools with the mask. Batch and sequence dims are both variable (a request's texts are padded
 to their longest), so there is no warmup request (Triton's warmup needs fixed dims). The tokenizer
 is trained at build time on Python standard-library docstrings; the weights are seeded and
-untrained (`kiln.build.text_encoder` says why).
+untrained (`kiln.models.text_encoder.build` says why).
 
 Budgets, measured here (AMD EPYC, 2 cores; Python 3.11.7, onnxruntime 1.31) on the 128 evaluation
 texts with the metric "cosine similarity to FP32" (per text, cosine of the mask-mean-pooled
@@ -24,6 +24,9 @@ embeddings against the FP32 PyTorch model's, averaged):
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+from typing import ClassVar
+
 from kiln import tensors
 from kiln.spec import (
     BuildSpec,
@@ -31,10 +34,54 @@ from kiln.spec import (
     InstanceGroup,
     ModelSpec,
     TensorSpec,
-    TextEncoderSource,
     Tolerance,
     Variant,
+    source_range,
 )
+
+BUILD_RANK = 30
+"""Builds before folders of a higher rank (kiln.registry): cheap models first, so a broken build
+fails fast."""
+
+
+@dataclass(frozen=True)
+class TextEncoderSource:
+    """A small BERT-style encoder with a WordPiece tokenizer trained at build time on offline text.
+
+    Attributes:
+        seed: Seeds the weights and the text sampling.
+        vocab_size: WordPiece vocabulary size.
+        hidden_size: Width of the token embeddings.
+        layers: Transformer encoder layers.
+        heads: Attention heads (must divide hidden_size).
+        intermediate_size: Width of the feed-forward layers.
+        max_length: Longest token sequence (position embeddings, truncation).
+        eval_texts: Evaluation texts.
+        calibration_texts: INT8 calibration texts (disjoint from the evaluation texts).
+    """
+
+    tools: ClassVar[tuple[str, ...]] = ("tokenizers",)
+    """Distributions whose versions shape the built model (hashed into its rebuild decision)."""
+
+    seed: int = field(default=0, metadata=source_range(0, 2**32 - 1))
+    vocab_size: int = field(default=4096, metadata=source_range(128, 250_000))
+    hidden_size: int = field(default=256, metadata=source_range(8, 4096))
+    layers: int = field(default=4, metadata=source_range(1, 48))
+    heads: int = field(default=4, metadata=source_range(1, 64))
+    intermediate_size: int = field(default=1024, metadata=source_range(8, 16384))
+    max_length: int = field(default=128, metadata=source_range(8, 8192))
+    eval_texts: int = field(default=128, metadata=source_range(1, 100_000))
+    calibration_texts: int = field(default=64, metadata=source_range(1, 100_000))
+
+    def problems(self) -> list[str]:
+        """Cross-field rules `kiln.spec.validate` reports with the model's name."""
+        if self.heads and self.hidden_size % self.heads:
+            return [
+                f"field 'build.source.heads' must divide hidden_size {self.hidden_size}, "
+                f"got {self.heads}"
+            ]
+        return []
+
 
 HIDDEN_SIZE = 256
 """Width of the token embeddings (BERT-mini: 4 layers, 256 wide, 4 heads, 1024 feed-forward)."""

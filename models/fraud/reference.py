@@ -3,10 +3,10 @@
 Two in-process pipelines over the same records (JSON objects of named raw features):
 
 - `TorchReference`: the build's own code path. Records -> raw matrix -> `FeatureStats` (the
-  training split's statistics, recomputed by `kiln.build.fraud.load_split`, not read from the
+  training split's statistics, recomputed by `kiln.models.fraud.build.load_split`, not read from the
   served file) -> the trained PyTorch MLP (`artifacts/fraud/checkpoint.pt`) -> probability ->
   decision `probability >= threshold` (compared in FP32, as served), the threshold chosen anew by
-  the source's rule (`kiln.build.fraud.choose_threshold`) from this model's held-out scores, not
+  the source's rule (`kiln.models.fraud.build.choose_threshold`) from this model's held-out scores, not
   read from the published `decision.json`. Served scores must match it to 1e-5 and decisions must
   be equal (except for a score within 1e-5 of the threshold).
 - `OrtPipeline`: the served steps without Triton: kiln_tabular's parser and standardization
@@ -19,7 +19,7 @@ generator's held-out split) as dicts, `labels()` their labels, `threshold_report
 precision/recall of a threshold on the held-out split (around the threshold the build chose),
 `published_threshold()` the decision document the build published.
 
-`python -m kiln.build.reference.fraud` prints that report for a grid of thresholds.
+`python -m kiln.models.fraud.reference` prints that report for a grid of thresholds.
 """
 
 from __future__ import annotations
@@ -34,22 +34,22 @@ from typing import Any
 import numpy as np
 
 from kiln import paths, tensors
-from kiln.build.specs import fraud_pipelines
-from kiln.build.specs.fraud import SOURCE
-from kiln.build.specs.fraud import SPEC as FRAUD
-from kiln.spec import FraudMLPSource
+
+from . import pipeline as fraud_pipelines
+from .spec import SOURCE, FraudMLPSource
+from .spec import SPEC as FRAUD
 
 SPLITS = ("test", "train")
 """`records()` takes the held-out split by default: the model never trained on it."""
 REPORT_GRID = tuple(round(0.05 * k, 2) for k in range(1, 20))
-"""Thresholds `python -m kiln.build.reference.fraud` reports, besides the spec's."""
+"""Thresholds `python -m kiln.models.fraud.reference` reports, besides the spec's."""
 
 Record = dict[str, float]
 
 
 @functools.lru_cache(maxsize=2)
-def _split(source: FraudMLPSource) -> Any:  # -> kiln.build.fraud.FraudSplit
-    from kiln.build.fraud import load_split
+def _split(source: FraudMLPSource) -> Any:  # -> kiln.models.fraud.build.FraudSplit
+    from .build import load_split
 
     return load_split(source)
 
@@ -63,7 +63,7 @@ def _rows(split: str, source: FraudMLPSource) -> tuple[np.ndarray, np.ndarray]:
 
 def feature_names(source: FraudMLPSource = SOURCE) -> tuple[str, ...]:
     """The record keys, in the model's input order."""
-    from kiln.build.fraud import feature_names as names
+    from .build import feature_names as names
 
     return names(source)
 
@@ -73,7 +73,7 @@ def records(
 ) -> Iterator[Record]:
     """Yields realistic transactions as dicts of raw features (feature name -> float).
 
-    They come from `kiln.build.fraud`'s seeded synthetic generator: by default its held-out test
+    They come from `kiln.models.fraud.build`'s seeded synthetic generator: by default its held-out test
     split, in order (12,500 transactions for the spec's source, about 2% fraud). The floats are
     exact, so `json.dumps(record)` round-trips them.
 
@@ -157,13 +157,13 @@ class TorchReference:
         Args:
             artifacts: The artifacts folder.
             threshold: The decision threshold; None chooses it as the build does
-                (`kiln.build.fraud.choose_threshold` with the source's `min_recall` and
+                (`kiln.models.fraud.build.choose_threshold` with the source's `min_recall` and
                 `threshold_step`) from this model's scores on the held-out split.
 
         Raises:
             FileNotFoundError: no checkpoint; run `kiln build` first.
         """
-        from kiln.build.fraud import load_trained
+        from .build import load_trained
 
         source = FRAUD.build.source
         reference = cls(_split(source).stats, load_trained(FRAUD, artifacts), 0.0)
@@ -174,7 +174,7 @@ class TorchReference:
 
     def choose_threshold(self, source: FraudMLPSource = SOURCE) -> Any:  # -> ThresholdChoice
         """The threshold the build's rule picks from this model's held-out scores."""
-        from kiln.build.fraud import choose_threshold
+        from .build import choose_threshold
 
         raw, y = _rows("test", source)
         scores = self.probabilities(self.stats.standardize(raw))

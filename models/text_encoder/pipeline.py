@@ -4,7 +4,7 @@ Three served models and the ensemble that wires them:
 - `text_tokenizer` (kiln_text): TEXT BYTES [1] -> input_ids, attention_mask INT64 [seq], with the
   tokenizer.json the build published beside text_encoder, truncating at text_encoder's
   `max_length` (its position embeddings) and padding each request to its longest text.
-- `text_encoder` (FP32; built by `build/specs/text_encoder.py`): ids and mask -> token embeddings.
+- `text_encoder` (FP32; the model of this folder, `spec.py`): ids and mask -> token embeddings.
 - `text_pool` (kiln_pool): token embeddings and the same mask -> mean over real tokens, L2-normalized
   -> EMBEDDING FP32 [HIDDEN_SIZE].
 The attention mask has one producer (the tokenizer) and two consumers (the encoder and the pool).
@@ -17,9 +17,10 @@ encoder, so they wait only `STEP_QUEUE_DELAY_US` for others to join a batch.
 from __future__ import annotations
 
 from kiln import tensors
-from kiln.build.specs.text_encoder import HIDDEN_SIZE
-from kiln.build.specs.text_encoder import SPEC as TEXT_ENCODER
 from kiln.spec import DynamicBatching, EnsembleSpec, EnsembleStep, InstanceGroup, ModelSpec, TensorSpec
+
+from .spec import HIDDEN_SIZE
+from .spec import SPEC as TEXT_ENCODER
 
 TOKENIZER = "text_tokenizer"
 """The kiln_text step's model name."""

@@ -3,7 +3,7 @@
 The served ensemble is tokenize (kiln_text) -> text_encoder (ONNX Runtime) -> pool (kiln_pool).
 Two in-process twins:
 
-- `TorchTextEmbedder`, the reference: `kiln.build.text_encoder.encode` with the build's
+- `TorchTextEmbedder`, the reference: `kiln.models.text_encoder.build.encode` with the build's
   tokenizer.json, the PyTorch encoder loaded from `artifacts/text_encoder/checkpoint.pt`, and a
   mask-mean-pool and L2 normalization written here in torch (`torch_mean_pool`), independent of
   `kiln.serving.pool`. The end-to-end tests compare served embeddings with it (cosine >= 0.999).
@@ -26,8 +26,10 @@ import numpy as np
 
 from kiln import paths, tensors
 from kiln.build.publish import model_artifacts, published_path
-from kiln.build.specs import by_name
-from kiln.spec import ModelSpec, TextEncoderSource
+from kiln.registry import by_name
+from kiln.spec import ModelSpec
+
+from .spec import TextEncoderSource
 
 if TYPE_CHECKING:
     import torch
@@ -48,7 +50,7 @@ def _encoder_spec(spec: ModelSpec | None) -> tuple[ModelSpec, TextEncoderSource]
 
 def build_tokenizer(spec: ModelSpec | None = None, artifacts: Path | None = None) -> Tokenizer:
     """The tokenizer the build saved for `spec` (`artifacts/<name>/tokenizer.json`)."""
-    from kiln.build.text_encoder import TOKENIZER_FILE, load_tokenizer
+    from .build import TOKENIZER_FILE, load_tokenizer
 
     spec, _ = _encoder_spec(spec)
     return load_tokenizer(model_artifacts(spec.name, artifacts) / TOKENIZER_FILE)
@@ -86,7 +88,7 @@ class TorchTextEmbedder:
     def __init__(
         self, spec: ModelSpec | None = None, artifacts: Path | None = None, batch_size: int | None = None
     ) -> None:
-        from kiln.build.text_encoder import load_trained
+        from .build import load_trained
 
         self.spec, self.source = _encoder_spec(spec)
         self.tokenizer = build_tokenizer(self.spec, artifacts)
@@ -94,8 +96,8 @@ class TorchTextEmbedder:
         self.batch_size = batch_size or max(self.spec.max_batch_size, 1)
 
     def encode(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-        """(input_ids, attention_mask) of `texts`: `kiln.build.text_encoder.encode` itself."""
-        from kiln.build.text_encoder import encode
+        """(input_ids, attention_mask) of `texts`: `kiln.models.text_encoder.build.encode` itself."""
+        from .build import encode
 
         return encode(self.tokenizer, list(texts), self.source.max_length)
 
@@ -117,11 +119,11 @@ Encode = Callable[[Sequence[str]], tuple[np.ndarray, np.ndarray]]
 
 
 def prepared_encoder(tokenizer: Tokenizer, max_length: int) -> Encode:
-    """`kiln.build.text_encoder.encode(tokenizer, texts, max_length)` with the tokenizer copied and
+    """`kiln.models.text_encoder.build.encode(tokenizer, texts, max_length)` with the tokenizer copied and
     configured once instead of on every call (the copy costs about 2 ms a call here)."""
     from tokenizers import Tokenizer
 
-    from kiln.build.text_encoder import MIN_ENCODED_LENGTH, PAD_ID, PAD_TOKEN
+    from .build import MIN_ENCODED_LENGTH, PAD_ID, PAD_TOKEN
 
     if max_length < MIN_ENCODED_LENGTH:
         raise ValueError(f"max_length must be at least {MIN_ENCODED_LENGTH}, got {max_length}")

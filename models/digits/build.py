@@ -28,7 +28,9 @@ from torch import nn
 from kiln.build.check import HeldOut
 from kiln.build.publish import load_state_dict, save_state_dict
 from kiln.build.training import seeded
-from kiln.spec import DigitsCNNSource, ModelSpec
+from kiln.spec import ModelSpec
+
+from .spec import DigitsCNNSource
 
 PIXEL_SCALE = 16.0
 """scikit-learn's digits have grey levels 0..16; dividing by this maps them to [0, 1]."""
