@@ -258,6 +258,30 @@ def source_stage(spec: ModelSpec) -> SourceStage:
     return module  # type: ignore[return-value]
 
 
+def held_out_of(spec: ModelSpec) -> HeldOut:
+    """The held-out data of a built model, called as the build calls it (with `spec=` for a stage
+    that declares it, like `kiln.build.user_source`)."""
+    assert spec.build is not None
+    return _call(source_stage(spec).held_out, spec.build.source, spec=spec)
+
+
+def reference_runner(
+    spec: ModelSpec, artifacts: Path | None = None
+) -> tuple[str, Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]]:
+    """(name, run) of a built model's FP32 reference, for `kiln.build.check.run_batched`: the
+    trained PyTorch module when the stage can load it (`load_trained(spec, artifacts)`), else the
+    FP32 ONNX the build exported and checked against it (`artifacts/<model>/fp32.onnx`)."""
+    from kiln.build import check, publish
+
+    stage = source_stage(spec)
+    if hasattr(stage, "load_trained"):
+        return REFERENCE_TORCH, check.torch_runner(stage.load_trained(spec, artifacts), spec)
+    fp32 = publish.export_path(spec.name, REFERENCE, artifacts)
+    if not fp32.is_file():
+        raise FileNotFoundError(f"model {spec.name!r}: no {fp32}; run `kiln build --model {spec.name}`")
+    return "FP32 ONNX (checked against the source at build time)", check.artifact_runner(fp32, spec)
+
+
 def _module_file(module: str) -> Path:
     """A module's source file, found without importing it."""
     found = importlib.util.find_spec(module)

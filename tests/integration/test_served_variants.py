@@ -1,7 +1,8 @@
 """Every served variant, queried through tritonserver, reproduces the metric its build recorded.
 
 For each model of the spec, the held-out inputs go over gRPC to each served variant; the outputs
-are scored with the model's own metric against the FP32 PyTorch reference and compared with the
+are scored with the model's own metric against the FP32 reference (the PyTorch model where its
+stage can load it, else the FP32 ONNX the build checked against it) and compared with the
 ONNX Runtime metric in the build manifest. This ties the accuracy table to what is actually served.
 """
 
@@ -17,7 +18,7 @@ from tritonclient.utils import np_to_triton_dtype
 
 from kiln import paths, registry
 from kiln.build import check
-from kiln.build.pipeline import source_stage
+from kiln.build.pipeline import held_out_of, reference_runner
 from kiln.server import TritonServer
 from kiln.spec import ModelSpec
 
@@ -57,10 +58,9 @@ def served_outputs(
 @pytest.mark.parametrize("spec", BUILT, ids=[s.name for s in BUILT])
 def test_each_served_variant_reproduces_its_build_metric(client, spec: ModelSpec) -> None:
     manifest = json.loads((paths.artifacts_dir() / spec.name / "manifest.json").read_text())
-    stage = source_stage(spec)
-    held = stage.held_out(spec.build.source)
-    model = stage.load_trained(spec)
-    reference_by_name = check.run_batched(check.torch_runner(model, spec), spec, held.inputs)
+    held = held_out_of(spec)
+    _, reference_run = reference_runner(spec)
+    reference_by_name = check.run_batched(reference_run, spec, held.inputs)
     reference = [reference_by_name[t.name] for t in spec.outputs]
     # Dynamic batching may group items differently from the build: allow one held-out item's worth.
     allowed = max(1e-4, 1.0 / held.size)
