@@ -148,12 +148,15 @@ class HeldOut:
             `spec.outputs`) to the metric; `reference` is the FP32 PyTorch model's outputs on the
             same inputs (for metrics measured against FP32; a labelled metric ignores it). The
             same function scores PyTorch, ONNX Runtime and every variant; higher is better.
+        against_fp32: The metric is agreement with FP32 (no labels): every output's own metric
+            then gates each variant too (`kiln.build.gates.check_variant`), not only the lowest.
     """
 
     inputs: tuple[np.ndarray, ...]
     calibration: tuple[np.ndarray, ...]
     metric: str
     score: Callable[[Sequence[np.ndarray], Sequence[np.ndarray]], float]
+    against_fp32: bool = False
 
     @property
     def size(self) -> int:

@@ -58,6 +58,7 @@ from kiln.spec import (
     ModelSpec,
     OnnxFileSource,
     Variant,
+    resolve_path,
     served_name,
     validate,
 )
@@ -404,6 +405,33 @@ class _Reference:
     exporter: str
 
 
+FILE_FIELDS = ("checkpoint", "path", "held_out")
+"""Source fields naming a user's file (CheckpointSource, OnnxFileSource); a source dataclass of
+a model folder marks its own with field metadata {"file": True}."""
+
+
+def source_data_files(source: Any) -> dict[str, Path]:
+    """The files a source's model is made from, by field name, whose content the rebuild
+    decision hashes: its file fields that exist, and a CheckpointSource factory's module."""
+    import dataclasses
+
+    files: dict[str, Path] = {}
+    if dataclasses.is_dataclass(source):
+        for item in dataclasses.fields(source):
+            value = getattr(source, item.name)
+            if (item.name in FILE_FIELDS or item.metadata.get("file")) and isinstance(value, str):
+                path = resolve_path(value)
+                if path.is_file():
+                    files[item.name] = path
+    if isinstance(source, CheckpointSource):
+        module = str(source.factory).partition(":")[0]
+        try:
+            files["factory"] = _module_file(module)
+        except (ModuleNotFoundError, ValueError):
+            pass  # validate() and the train stage report an unimportable factory
+    return files
+
+
 def _hash_inputs(spec: ModelSpec, exporter: str | None) -> dict[str, Any]:
     from kiln.build import publish
 
@@ -420,6 +448,7 @@ def _hash_inputs(spec: ModelSpec, exporter: str | None) -> dict[str, Any]:
     return publish.hash_inputs(
         spec,
         code=code,
+        data=source_data_files(spec.build.source),
         tools=publish.tool_versions(entry.tools),
         # None is export.py's default; a change of that default changes export.py's hash. The
         # variants and their budgets are part of `spec.build`.
@@ -590,8 +619,10 @@ def _build_variant(
     log: _Log,
     artifacts: Path,
 ) -> _Built:
-    """Produces one further variant from the FP32 ONNX, evaluates it and gates it on its budget."""
-    from kiln.build import check, publish, quantize
+    """Produces one further variant from the FP32 ONNX, evaluates it and gates it: every output on
+    its own (`kiln.build.gates`: alive, and its metric where declared or the model is scored
+    against FP32), then the model's metric on the variant's budget."""
+    from kiln.build import check, gates, publish, quantize
 
     assert spec.build is not None
     name, precision, tag = spec.name, variant.precision, f"[{spec.name}]"
@@ -638,6 +669,12 @@ def _build_variant(
         f"error vs FP32 {comparison.max_abs:.3g}; latency {latency:.3f} ms at batch 1  "
         f"[{log.timings[precision]:.2f} s]"
     )
+    output_scores = gates.check_variant(
+        spec, precision, candidate, reference.outputs,
+        default_budget=variant.max_metric_drop, gated=held.against_fp32,
+    )
+    details["outputs"] = gates.record(output_scores)
+    log.say(f"{tag} {precision} outputs: {gates.describe(output_scores)}")
     drop = check.check_budget(
         name,
         precision,
@@ -724,7 +761,8 @@ def _build_model(
     assert spec.build is not None
     inputs = _hash_inputs(spec, exporter)
     state = publish.freshness(
-        spec.name, publish.source_hash(inputs), artifacts=artifacts, repository=repository
+        spec.name, publish.source_hash(inputs), artifacts=artifacts, repository=repository,
+        expected_inputs=inputs,
     )
     if state.up_to_date and not force:
         return _up_to_date(spec, state, publish.source_hash(inputs), log, artifacts, repository)
@@ -812,6 +850,10 @@ def _check_stage(
         f"{held.metric} {metric_onnx:.4f}; latency {latency:.3f} ms at batch 1  "
         f"[{log.timings['check']:.2f} s]"
     )
+    from kiln.build import gates
+
+    kinds = "; ".join(o.describe() for o in gates.resolve(spec))
+    log.say(f"[{name}] outputs: {kinds} (undeclared: {gates.INFERENCE_RULE})")
     checkpoint = reference.checkpoint
     return _Built(
         variant=build_spec.variants[0],

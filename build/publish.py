@@ -200,6 +200,7 @@ def hash_inputs(
     code: Mapping[str, Path],
     tools: Mapping[str, str],
     settings: Mapping[str, Any] | None = None,
+    data: Mapping[str, Path] | None = None,
 ) -> dict[str, Any]:
     """Everything the artifact depends on, as JSON-able data (hashed into the source hash).
 
@@ -209,6 +210,9 @@ def hash_inputs(
         code: Source files of the stages that shape the artifact, by a stable label.
         tools: Tool versions, from `tool_versions`.
         settings: Pipeline choices that shape the artifact (e.g. the exporter, the variants).
+        data: The user's files the model is made from (a checkpoint, an ONNX file, the held-out
+            .npz, the factory's module), by a stable label: their content is hashed, so a file
+            overwritten at the same path rebuilds the model.
     """
     return {
         "format": MANIFEST_FORMAT,
@@ -219,7 +223,26 @@ def hash_inputs(
         "settings": _plain(dict(settings or {})),
         "code": {label: sha256_file(path) for label, path in sorted(code.items())},
         "tools": dict(sorted(tools.items())),
+        "data": {label: sha256_file(path) for label, path in sorted((data or {}).items())},
     }
+
+
+def what_changed(before: Mapping[str, Any], now: Mapping[str, Any]) -> str:
+    """Which parts of two `hash_inputs` differ, for the build log ("data held_out, code
+    source:build.py"); "spec, code or tool versions changed" when the old one is unreadable."""
+    if not isinstance(before, Mapping):
+        return "spec, code or tool versions changed"
+    changed = []
+    for part in ("build", "inputs", "outputs", "batched", "settings", "format"):
+        if before.get(part) != now.get(part):
+            changed.append("spec" if part in ("build", "inputs", "outputs", "batched") else part)
+    for part in ("code", "tools", "data"):
+        old, new = before.get(part) or {}, now.get(part) or {}
+        labels = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+        if labels:
+            changed.append(f"{part} {', '.join(labels)}")
+    unique = list(dict.fromkeys(changed))
+    return "changed: " + "; ".join(unique) if unique else "spec, code or tool versions changed"
 
 
 def source_hash(inputs: Mapping[str, Any]) -> str:
@@ -288,7 +311,12 @@ def recorded_files(
 
 
 def freshness(
-    name: str, expected_hash: str, *, artifacts: Path | None = None, repository: Path | None = None
+    name: str,
+    expected_hash: str,
+    *,
+    artifacts: Path | None = None,
+    repository: Path | None = None,
+    expected_inputs: Mapping[str, Any] | None = None,
 ) -> Freshness:
     """Compares the manifest of model `name` with `expected_hash` and the files it records.
 
@@ -301,7 +329,9 @@ def freshness(
     if manifest is None:
         return Freshness(False, "no build manifest")
     if manifest.get("source_hash") != expected_hash:
-        return Freshness(False, "spec, code or tool versions changed", manifest)
+        if expected_inputs is None:
+            return Freshness(False, "spec, code or tool versions changed", manifest)
+        return Freshness(False, what_changed(manifest.get("hash_inputs"), expected_inputs), manifest)
     variants = manifest.get("variants")
     if not isinstance(variants, dict) or not variants:
         return Freshness(False, "the manifest lists no artifact", manifest)

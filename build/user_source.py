@@ -20,11 +20,13 @@ calibration items (required when the spec asks for an int8 variant). Dtypes must
 spec's, dims must match it (any size where the spec says -1), and nothing else may be in the file.
 
 The user gave no labels, so the metric is agreement with the FP32 reference outputs, per output
-tensor: an output whose spec dims are (k,) with k > 1 is read as class scores and scored by top-1
-agreement (the share of items whose argmax equals the reference's); any other output by the mean
-cosine similarity of each item's values to the reference's. With several outputs the metric is
-the lowest of them. Items with a NaN or infinity count as disagreeing. FP32 scores 1.0 against
-itself, so `max_metric_drop` of a variant is the share of items (or the similarity) it may lose.
+tensor, by what the output means (`kiln.build.gates`): its kind is declared in the spec
+(`BuildSpec.outputs`) or inferred by a stated rule (class scores: top-1 agreement; regression:
+the worst column's error over its FP32 range; embedding: cosine per item; detections: recall of
+FP32's boxes). With several outputs the metric is the lowest of them, and every output of every
+variant is also gated on its own (`gates.check_variant`: the refusal names the output). Items
+with a NaN or infinity count as disagreeing. FP32 scores 1.0 against itself, so
+`max_metric_drop` of a variant is the share of items (or of the range) it may lose.
 
 The spec is needed to read the held-out data and to verify the ONNX: `held_out` and
 `export_onnx` take it as the keyword `spec` (the pipeline passes it; the other source stages take
@@ -46,6 +48,7 @@ import onnx
 import torch
 from torch import nn
 
+from kiln.build import gates
 from kiln.build.check import BuildError, HeldOut
 from kiln.build.export import verify_signature
 from kiln.build.publish import atomic_path
@@ -330,65 +333,18 @@ def export_onnx(source: OnnxFileSource, dest: Path, spec: ModelSpec | None = Non
 # --- held-out data and the metric -----------------------------------------------------------
 
 
-def top1_agreement(candidate: np.ndarray, reference: np.ndarray) -> float:
-    """Share of items ([N, k] class scores) whose argmax equals the reference's; an item with a
-    NaN or infinite candidate score disagrees."""
-    cand = np.asarray(candidate, dtype=np.float64)
-    ref = np.asarray(reference, dtype=np.float64)
-    finite = np.all(np.isfinite(cand), axis=1)
-    agree = (np.argmax(cand, axis=1) == np.argmax(ref, axis=1)) & finite
-    return float(np.mean(agree))
-
-
-def cosine_similarity(candidate: np.ndarray, reference: np.ndarray) -> float:
-    """Mean over items (axis 0) of the cosine similarity of each item's flattened values.
-
-    Two all-zero items are identical (1.0); one all-zero item against a non-zero one, or an item
-    with a NaN or infinity, scores 0.0.
-    """
-    items = np.shape(reference)[0]
-    cand = np.asarray(candidate, dtype=np.float64).reshape(items, -1)
-    ref = np.asarray(reference, dtype=np.float64).reshape(items, -1)
-    finite = np.all(np.isfinite(cand), axis=1) & np.all(np.isfinite(ref), axis=1)
-    cand = np.where(finite[:, None], cand, 0.0)
-    ref = np.where(finite[:, None], ref, 0.0)
-    norms = np.linalg.norm(cand, axis=1) * np.linalg.norm(ref, axis=1)
-    both_zero = (np.linalg.norm(cand, axis=1) == 0) & (np.linalg.norm(ref, axis=1) == 0)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        cosine = np.where(norms > 0, np.sum(cand * ref, axis=1) / norms, 0.0)
-    cosine = np.where(both_zero, 1.0, np.clip(cosine, -1.0, 1.0))
-    return float(np.mean(np.where(finite, cosine, 0.0)))
-
-
-def is_class_scores(tensor: TensorSpec) -> bool:
-    """An output read as class scores: per-item dims (k,) with a fixed k > 1."""
-    return len(tensor.dims) == 1 and tensor.dims[0] > 1
+top1_agreement = gates.top1_agreement
+cosine_similarity = gates.cosine_per_item
 
 
 def agreement_metric(
     spec: ModelSpec,
 ) -> tuple[str, Callable[[Sequence[np.ndarray], Sequence[np.ndarray]], float]]:
-    """The metric's name and `score(outputs, reference)` for `spec`'s outputs (see the module
-    docstring): top-1 agreement for class scores, mean cosine similarity otherwise, the lowest
-    over the outputs."""
-    kinds = [is_class_scores(t) for t in spec.outputs]
-    if all(kinds):
-        name = METRIC_TOP1
-    elif not any(kinds):
-        name = METRIC_COSINE
-    else:
-        top1 = ", ".join(t.name for t, k in zip(spec.outputs, kinds, strict=True) if k)
-        cosine = ", ".join(t.name for t, k in zip(spec.outputs, kinds, strict=True) if not k)
-        name = f"agreement with FP32 (lowest of top-1 for {top1}, cosine similarity for {cosine})"
-
-    def score(outputs: Sequence[np.ndarray], reference: Sequence[np.ndarray]) -> float:
-        values = [
-            top1_agreement(out, ref) if kind else cosine_similarity(out, ref)
-            for out, ref, kind in zip(outputs, reference, kinds, strict=True)
-        ]
-        return min(values)
-
-    return name, score
+    """The metric's name and `score(outputs, reference)` for `spec`'s outputs: each output scored
+    by the metric of its kind (`kiln.build.gates`: declared in `build.outputs`, else inferred by
+    its stated rule), the lowest over the outputs."""
+    name, score = gates.agreement(spec)
+    return name, score  # type: ignore[return-value]
 
 
 def _expected_shape(tensor: TensorSpec) -> str:
@@ -534,4 +490,5 @@ def held_out(source: CheckpointSource | OnnxFileSource, spec: ModelSpec | None =
         else (),
         metric=metric,
         score=score,
+        against_fp32=True,
     )

@@ -150,6 +150,39 @@ class Tolerance:
     rtol: float = 1e-3
 
 
+OUTPUT_KINDS = ("class_scores", "probabilities", "regression", "embedding", "detections")
+"""What an output means, which decides how a variant is measured against FP32 (`kiln.build.gates`)."""
+
+
+@dataclass(frozen=True)
+class OutputCheck:
+    """What one output means, and so how each variant's is measured against FP32's.
+
+    Undeclared outputs get a kind by a stated rule (`kiln.build.gates.infer_kind`, shown in the
+    build log). Whatever the kind, a variant whose output is NaN where FP32's is finite, or holds
+    constant a column FP32 varies in (zeroed or saturated), is refused.
+
+    Attributes:
+        name: The output tensor.
+        kind: One of OUTPUT_KINDS: class_scores and probabilities (top-1 agreement), regression
+            (worst column's max abs error over its FP32 range), embedding (cosine per item),
+            detections (recall of FP32's boxes at IoU `iou`).
+        max_drop: This output's budget: how far its metric may fall below FP32's 1.0; None takes
+            the variant's `max_metric_drop`.
+        column_axis: The per-item axis holding the output's columns (classes, coordinates,
+            channels); None: the kind's rule (see `kiln.build.gates`).
+        score_threshold: detections: a candidate counts when its best class score is above this.
+        iou: detections: a variant's box matches FP32's at this IoU or more (same class).
+    """
+
+    name: str
+    kind: str
+    max_drop: float | None = None
+    column_axis: int | None = None
+    score_threshold: float = 0.25
+    iou: float = 0.5
+
+
 def source_range(low: float, high: float, *, integer: bool = True) -> dict[str, Any]:
     """Field metadata: the closed range a source setting must lie in (checked by validate()).
 
@@ -234,6 +267,8 @@ class BuildSpec:
         min_accuracy: The build fails when the FP32 model's held-out metric is below this.
         variants: The artifacts to build; the first must be fp32 (the reference the others are
             measured against).
+        outputs: What outputs mean (`OutputCheck`), for the per-output gates of every variant;
+            an output not listed gets a kind by `kiln.build.gates.infer_kind`'s rule.
     """
 
     source: SourceSpec
@@ -241,6 +276,7 @@ class BuildSpec:
     tolerance: Tolerance = Tolerance()
     min_accuracy: float | None = None
     variants: tuple[Variant, ...] = (Variant("fp32"),)
+    outputs: tuple[OutputCheck, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -428,7 +464,7 @@ def _check_model(spec: ModelSpec, backends: Iterable[str] | None) -> list[str]:
     if spec.version_policy is not None:
         problems += _check_version_policy(where, spec.version_policy)
     if spec.build is not None:
-        problems += _check_build(where, spec.build)
+        problems += _check_build(where, spec.build, spec.outputs)
     return problems
 
 
@@ -540,7 +576,7 @@ def _check_version_policy(where: str, policy: VersionPolicy) -> list[str]:
     return problems
 
 
-def _check_build(where: str, build: BuildSpec) -> list[str]:
+def _check_build(where: str, build: BuildSpec, outputs: Sequence[TensorSpec]) -> list[str]:
     problems = []
     tol = build.tolerance
     for name in ("atol", "rtol"):
@@ -556,6 +592,7 @@ def _check_build(where: str, build: BuildSpec) -> list[str]:
             f"{where}: field 'build.min_accuracy' must be in 0..1, got {build.min_accuracy!r}"
         )
     problems += _check_variants(where, build.variants)
+    problems += _check_output_checks(where, build.outputs, outputs)
     source = build.source
     if not dataclasses.is_dataclass(source) or isinstance(source, type):
         problems.append(
@@ -611,6 +648,37 @@ def _check_ranges(where: str, prefix: str, settings: Any) -> list[str]:
             problems.append(
                 f"{where}: field '{prefix}.{spec_field.name}' must be {kind} in "
                 f"{low:g}..{high:g}, got {value!r}"
+            )
+    return problems
+
+
+def _check_output_checks(
+    where: str, checks: Sequence[OutputCheck], outputs: Sequence[TensorSpec]
+) -> list[str]:
+    problems = []
+    dims = {t.name: t.dims for t in outputs}
+    for i, check in enumerate(checks):
+        at = f"{where}: field 'build.outputs[{i}]"
+        if check.name not in dims:
+            problems.append(f"{at}.name' must name an output ({', '.join(dims)}), got {check.name!r}")
+            continue
+        if check.kind not in OUTPUT_KINDS:
+            problems.append(f"{at}.kind' must be one of {', '.join(OUTPUT_KINDS)}, got {check.kind!r}")
+        if check.max_drop is not None and not (
+            isinstance(check.max_drop, (int, float)) and 0 <= check.max_drop <= 1
+        ):
+            problems.append(f"{at}.max_drop' must be a number in 0..1 or None, got {check.max_drop!r}")
+        rank = len(dims[check.name])
+        axis = check.column_axis
+        if axis is not None and not (_is_int(axis) and 0 <= axis < rank):
+            problems.append(
+                f"{at}.column_axis' must be a per-item axis of {check.name!r} (0..{rank - 1}), "
+                f"got {check.column_axis!r}"
+            )
+        if check.kind == "detections" and (rank != 2 or min(d for d in dims[check.name]) == 0):
+            problems.append(
+                f"{at}.kind' detections needs a 2-D output [channels, candidates] or [candidates, "
+                f"channels] (4 box values then class scores), {check.name!r} has dims {dims[check.name]}"
             )
     return problems
 

@@ -412,9 +412,8 @@ def test_metric_of_several_outputs_is_the_lowest(checkpoint_source: CheckpointSo
         outputs=(TensorSpec("scores", "FP32", (2,)), TensorSpec("embedding", "FP32", (2, 2))),
     )
     name, score = user_source.agreement_metric(spec)
-    assert name == (
-        "agreement with FP32 (lowest of top-1 for scores, cosine similarity for embedding)"
-    )
+    # Each output by its kind (kiln.build.gates): 'scores' (2,) class scores, 'embedding' by name.
+    assert name == "agreement with FP32, the lowest over outputs (scores: class_scores, embedding: embedding)"
     scores = np.array([[1.0, 0.0], [0.0, 1.0]])
     embedding = np.ones((2, 2, 2))
     assert score([scores, embedding], [scores, embedding]) == 1.0
