@@ -145,6 +145,11 @@ def _add_model_flags(parser: argparse.ArgumentParser) -> None:
         help="model to load at start with --model-control-mode explicit (repeatable; '*' = all)",
     )
     parser.add_argument(
+        "--exit-on-model-failure", action="store_true",
+        help="stop when any model fails to load (default: serve the others and report each "
+        "failed model with Triton's reason and the fix)",
+    )
+    parser.add_argument(
         "--startup-timeout", type=float, default=DEFAULT_STARTUP_TIMEOUT_S, metavar="SECONDS",
         help="give up if the server is not ready by then (default: %(default)g)",
     )
@@ -225,6 +230,7 @@ def server_from_args(args: argparse.Namespace) -> TritonServer:
         log_stream=None if args.quiet else sys.stderr,
         repository_key=key,
         repository_key_header=args.repository_key_header,
+        keep_serving_on_model_failure=not args.exit_on_model_failure,
     )
 
 
@@ -293,6 +299,7 @@ def serve(
             try:
                 server.start()
                 _print_ready(server, out)
+                _report_failed_models(server, err)
                 if on_ready is not None:
                     on_ready(server)
                 watchdog = _BackendWatchdog(server, policy, out, err)
@@ -412,6 +419,42 @@ def _print_ready(server: TritonServer, out: TextIO) -> None:
         )
     lines.append(f"{PROG}: press Ctrl-C to stop")
     _say(out, "\n".join(lines))
+
+
+def fix_for(model: str, reason: str) -> str:
+    """What to do about a model that failed to load, from Triton's reason."""
+    base = model.rsplit("_", 1)[0] if model.endswith(("_fp16", "_int8")) else model
+    if "unable to find backend library for backend 'onnxruntime'" in reason:
+        return (
+            "its config.pbtxt names Triton's native onnxruntime backend, which this embedded "
+            "server lacks: write kiln's configs with `kiln generate` (or `kiln build`, which "
+            "writes them too)"
+        )
+    if "model.onnx" in reason and ("No such file" in reason or "not found" in reason or "stat" in reason):
+        return f"its model file is missing: build it with `kiln build --model {base}`"
+    if "no version" in reason.lower() or "at least one version" in reason:
+        return f"it has no version folder with a model: build it with `kiln build --model {base}`"
+    return (
+        "see the reason above and the log; once fixed, restart kiln serve, or load it again "
+        f"(--model-control-mode explicit): POST /v2/repository/models/{model}/load"
+    )
+
+
+def _report_failed_models(server: TritonServer, err: TextIO) -> None:
+    """Names each model that failed to load, Triton's reason and the fix; the others serve."""
+    if not server.keep_serving_on_model_failure:
+        return
+    try:
+        failed = server.failed_models()
+    except TritonServerError:
+        return  # the server died right after start: the serve loop reports that
+    for model, reason in sorted(failed.items()):
+        print(
+            f"{PROG}: model '{model}' failed to load and is not served (the others are): "
+            f"{reason.strip()}\n"
+            f"  fix: {fix_for(model, reason)}",
+            file=err, flush=True,
+        )
 
 
 def _report(error: TritonServerError, err: TextIO) -> None:

@@ -167,6 +167,9 @@ __all__ = [
     "WAIT_EXIT_SHIFT", "WAIT_EXIT_MASK", "ZOMBIE",
 ]
 
+KEEP_SERVING_ARGS = ("--exit-on-error=false", "--strict-readiness=false")
+"""What `keep_serving_on_model_failure` adds: Triton keeps serving the models that loaded, and
+/v2/health/ready answers for the server, not for every model."""
 DEFAULT_STARTUP_TIMEOUT_S = 120.0
 """How long `start()` waits for readiness; model loading dominates (ONNX Runtime sessions)."""
 READY_POLL_INTERVAL_S = 0.1
@@ -204,6 +207,11 @@ class TritonServer:
             gives the headers a client sends; this object's own calls send them. Note that
             Triton takes the key on its command line, which local users can read.
         repository_key_header: The header carrying the key (lowercase letters, digits, '-').
+        keep_serving_on_model_failure: A model that fails to load does not stop the server:
+            Triton runs with --exit-on-error=false and --strict-readiness=false, `start()`
+            returns once it answers, and `failed_models()` names each failed model and Triton's
+            reason (what `kiln serve` does). False (the default): `start()` raises
+            ModelLoadFailedError, and Triton exits.
     """
 
     def __init__(
@@ -226,6 +234,7 @@ class TritonServer:
         backends_dir: str | os.PathLike[str] | None = None,
         repository_key: str | None = None,
         repository_key_header: str = DEFAULT_REPOSITORY_KEY_HEADER,
+        keep_serving_on_model_failure: bool = False,
     ) -> None:
         check_repository_key(repository_key, repository_key_header)
         check_model_control(model_control_mode, load_models)
@@ -237,7 +246,8 @@ class TritonServer:
         self.host = host
         self.model_control_mode = model_control_mode
         self.load_models = tuple(load_models)
-        self.extra_args = tuple(extra_args)
+        self.keep_serving_on_model_failure = keep_serving_on_model_failure
+        self.extra_args = tuple(extra_args) + (KEEP_SERVING_ARGS if keep_serving_on_model_failure else ())
         self.startup_timeout = startup_timeout
         self.exit_timeout = exit_timeout
         self.log_verbose = log_verbose
@@ -453,6 +463,11 @@ class TritonServer:
             TritonServerError: the metrics page did not answer.
         """
         return self._api.metric(name, **labels)
+
+    def failed_models(self) -> dict[str, str]:
+        """Model name -> Triton's reason, for each model that failed to load (UNAVAILABLE in
+        the repository index): what a server kept serving despite failures still lacks."""
+        return self._api.failed()
 
     def models(self) -> dict[str, str]:
         """Model name -> state ("READY", "UNAVAILABLE", ...) from the repository index.

@@ -8,10 +8,7 @@ from __future__ import annotations
 import signal
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from kiln.server.stubs import BackendProcess
+from typing import NamedTuple
 
 _PROTOCOL_NAMES = {"http": "HTTP", "grpc": "gRPC", "metrics": "metrics"}
 _PORT_FLAGS = {"http": "--http-port", "grpc": "--grpc-port", "metrics": "--metrics-port"}
@@ -117,6 +114,42 @@ class RepositoryApiError(TritonServerError):
     def __init__(self, message: str, status: int | None, *, log_path: Path | None = None) -> None:
         super().__init__(message, log_path=log_path)
         self.status = status
+
+
+ZOMBIE = "Z"
+
+
+class BackendProcess(NamedTuple):
+    """A python backend stub process of a running tritonserver (one per model instance).
+
+    Attributes:
+        pid: Its process id.
+        model: The model it serves ("?" when it died before kiln saw it alive).
+        version: The model version it serves.
+        instance: Triton's instance name, e.g. "fraud_features_0_0".
+        state: Its state letter from /proc (R, S, ... ; "Z": it died and was not reaped).
+        returncode: For a dead stub, its exit status as subprocess reports one (negative: the
+            signal that killed it); None while it runs.
+    """
+
+    pid: int
+    model: str
+    version: str
+    instance: str
+    state: str
+    returncode: int | None
+
+    @property
+    def alive(self) -> bool:
+        """Whether the process still runs (a zombie does not)."""
+        return self.state != ZOMBIE
+
+    def describe(self) -> str:
+        """One line naming the model, the instance, the pid and, for a dead stub, how it ended."""
+        text = f"model '{self.model}' version {self.version} (instance {self.instance}, pid {self.pid})"
+        if self.returncode is not None:
+            text += f": {describe_returncode(self.returncode)}"
+        return text
 
 
 class BackendCrashedError(TritonServerError):

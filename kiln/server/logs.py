@@ -63,7 +63,7 @@ def _unquote(message: str) -> str:
     return message
 
 
-def _clean_model_error(error: str) -> str:
+def clean_model_error(error: str) -> str:
     """Triton's message for a failed model, without the Python traceback the stub appends."""
     return error.split(_TRACEBACK_MARK, 1)[0].strip()
 
@@ -192,9 +192,9 @@ class TritonLog:
             return
         message = _unquote(match.group("message").strip())
         if failed := _MODEL_FAILED.match(message):
-            self._model_errors[failed.group("model")] = _clean_model_error(failed.group("error"))
+            self._model_errors[failed.group("model")] = clean_model_error(failed.group("error"))
         elif failed := _MODEL_POLL_FAILED.match(message):
-            error = _clean_model_error(failed.group("error"))
+            error = clean_model_error(failed.group("error"))
             if self._last_protobuf_error:
                 error = f"{error}: {self._last_protobuf_error}"
             self._model_errors[failed.group("model")] = error

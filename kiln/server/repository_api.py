@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from kiln.server.errors import RepositoryApiError, TritonServerError
+from kiln.server.logs import clean_model_error
 
 HTTP_PROBE_TIMEOUT_S = 2.0
 """Timeout of one readiness/metadata request to Triton's HTTP endpoint."""
@@ -185,6 +186,16 @@ class RepositoryApi:
         return total
 
     # --- the model-repository API ---
+
+    def failed(self) -> dict[str, str]:
+        """Model name -> Triton's reason, for every model the index lists as UNAVAILABLE with a
+        reason (a model that failed to load)."""
+        index = self.call("POST", REPOSITORY_INDEX_PATH, b"{}", HTTP_PROBE_TIMEOUT_S)
+        return {
+            entry["name"]: clean_model_error(entry.get("reason") or "no reason given")
+            for entry in index
+            if entry.get("state") == "UNAVAILABLE" and entry.get("reason")
+        }
 
     def models(self) -> dict[str, str]:
         """Model name -> state from the repository index ("UNLOADED" when it has none)."""

@@ -9,10 +9,9 @@ alive, so that a dead one can still be named.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import NamedTuple
 
 from kiln.server.binary import STUB_NAME
-from kiln.server.errors import describe_returncode
+from kiln.server.errors import ZOMBIE, BackendProcess
 
 STUB_ARG_MODEL_FILE = 1
 """argv index of the stub's model file, `<repository>/<model>/<version>/model.py`."""
@@ -23,40 +22,6 @@ PROC_STAT_EXIT_CODE = 49
 WAIT_SIGNAL_MASK = 0x7F
 WAIT_EXIT_SHIFT = 8
 WAIT_EXIT_MASK = 0xFF
-ZOMBIE = "Z"
-
-
-class BackendProcess(NamedTuple):
-    """A python backend stub process of a running tritonserver (one per model instance).
-
-    Attributes:
-        pid: Its process id.
-        model: The model it serves ("?" when it died before kiln saw it alive).
-        version: The model version it serves.
-        instance: Triton's instance name, e.g. "fraud_features_0_0".
-        state: Its state letter from /proc (R, S, ... ; "Z": it died and was not reaped).
-        returncode: For a dead stub, its exit status as subprocess reports one (negative: the
-            signal that killed it); None while it runs.
-    """
-
-    pid: int
-    model: str
-    version: str
-    instance: str
-    state: str
-    returncode: int | None
-
-    @property
-    def alive(self) -> bool:
-        """Whether the process still runs (a zombie does not)."""
-        return self.state != ZOMBIE
-
-    def describe(self) -> str:
-        """One line naming the model, the instance, the pid and, for a dead stub, how it ended."""
-        text = f"model '{self.model}' version {self.version} (instance {self.instance}, pid {self.pid})"
-        if self.returncode is not None:
-            text += f": {describe_returncode(self.returncode)}"
-        return text
 
 
 def _wait_status_to_returncode(status: int) -> int:

@@ -420,12 +420,38 @@ def test_kiln_serve_reports_a_crashed_tritonserver(
     assert_no_triton_left(run.triton_pid)
 
 
-def test_kiln_serve_model_load_failure(
+def test_kiln_serve_keeps_serving_the_others_when_a_model_fails_to_load(
     make_repository, add_one, kiln_serve, log_file: Path
 ) -> None:
     repository = make_repository({add_one.name: {}, BROKEN: BAD_PARAMETERS})
     run = kiln_serve(
         ["--free-ports", "--repository", str(repository), "--quiet", "--log-file", str(log_file)]
+    )
+    text = "\n".join(run.wait_until_ready())
+    models = re.search(r"^  models +(.*)$", text, re.M)
+    assert models and models.group(1) == f"{add_one.name} (READY), {BROKEN} (UNAVAILABLE)", text
+    http = re.search(r"^  HTTP +http://(\S+)$", text, re.M)
+    assert http
+    x = add_one_inputs(add_one)
+    np.testing.assert_array_equal(infer_http(http.group(1), add_one, x), x + 1)
+    run.interrupt()
+    assert run.finish() == 0
+    failure, fix = run.stderr.splitlines()[:2]
+    assert failure.startswith(
+        f"kiln serve: model '{BROKEN}' failed to load and is not served (the others are): "
+    )
+    assert failure.endswith(BAD_PARAMETER_MESSAGE)
+    assert fix.startswith("  fix: see the reason above and the log; once fixed, restart kiln serve")
+    assert_no_triton_left(run.triton_pid)
+
+
+def test_kiln_serve_exit_on_model_failure(
+    make_repository, add_one, kiln_serve, log_file: Path
+) -> None:
+    repository = make_repository({add_one.name: {}, BROKEN: BAD_PARAMETERS})
+    run = kiln_serve(
+        ["--free-ports", "--repository", str(repository), "--quiet", "--log-file", str(log_file),
+         "--exit-on-model-failure"]
     )
     assert run.finish() == 1
     lines = run.stderr.splitlines()
