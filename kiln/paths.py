@@ -27,15 +27,35 @@ MODELS_ENV = "KILN_MODELS"
 """Extra folders of model folders (os.pathsep-separated), searched after the project's `models/`."""
 
 
+ENTRY_POINT_GROUP = "kiln.models"
+"""Installed distributions name a package whose folder holds model folders:
+`[project.entry-points."kiln.models"] mine = "my_package.kiln_models"`."""
+
+
+def _entry_point_dirs() -> list[Path]:
+    """The folders of the packages named in the `kiln.models` entry-point group (not imported:
+    their location is read from the import system)."""
+    import importlib.metadata
+    import importlib.util
+
+    found = []
+    for entry in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+        spec = importlib.util.find_spec(entry.module)
+        if spec is not None and spec.submodule_search_locations:
+            found += [Path(p).resolve() for p in spec.submodule_search_locations]
+    return found
+
+
 def models_dirs() -> tuple[Path, ...]:
-    """Folders holding model folders: the project's `models/`, then those `KILN_MODELS` names.
+    """Folders holding model folders: the project's `models/`, those `KILN_MODELS` names, then
+    those of installed `kiln.models` entry points.
 
     `kiln.registry` discovers every model folder in them; `kiln build --models DIR` adds DIR for
     one command (and passes it on to the processes it starts through `KILN_MODELS`).
     """
     extra = [Path(p).expanduser().resolve() for p in os.environ.get(MODELS_ENV, "").split(os.pathsep) if p]
     found: list[Path] = []
-    for path in (ROOT / "models", *extra):
+    for path in (ROOT / "models", *extra, *_entry_point_dirs()):
         if path not in found:
             found.append(path)
     return tuple(found)

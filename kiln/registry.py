@@ -50,6 +50,9 @@ class RegistryError(SpecError):
     """A model folder that cannot be used: no spec, a spec module that fails to import, a name
     that two folders serve."""
 
+    def __init__(self, problem: str) -> None:
+        super().__init__([problem])
+
 
 @dataclass(frozen=True)
 class ModelFolder:

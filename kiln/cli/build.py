@@ -11,15 +11,15 @@ import sys
 
 from kiln.build import pipeline
 from kiln.cli import served_specs
+from kiln.cli.models_option import add_models_option, use_models_dirs
 from kiln.spec import SpecError
 
 
 def run_build(args: argparse.Namespace) -> int:
     """`kiln build`: returns the exit code; errors are one paragraph on stderr, no traceback."""
-    specs = served_specs()
-
     try:
-        pipeline.build(specs, force=args.force, only=args.models)
+        use_models_dirs(args)
+        pipeline.build(served_specs(), force=args.force, only=args.models)
     except SpecError as error:
         print(f"kiln build: nothing was built: {error}", file=sys.stderr)
         return pipeline.EXIT_BAD_INPUT
@@ -63,5 +63,6 @@ def add_build_command(subparsers: argparse._SubParsersAction) -> argparse.Argume
         metavar="NAME",
         help="build only this model (repeatable); all specs are still validated",
     )
+    add_models_option(parser)
     parser.set_defaults(func=run_build)
     return parser

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from kiln import paths
 from kiln.cli import served_specs
+from kiln.cli.models_option import add_models_option, use_models_dirs
 
 
 def run_generate(args: argparse.Namespace) -> int:
@@ -15,9 +16,10 @@ def run_generate(args: argparse.Namespace) -> int:
     from kiln.repository import generate, stale
     from kiln.spec import SpecError
 
-    specs = served_specs()
     repository = Path(args.repository)
     try:
+        use_models_dirs(args)
+        specs = served_specs()
         if args.check:
             problems = stale(specs, repository, args.target)
             if problems:
@@ -60,5 +62,6 @@ def add_generate_command(subparsers: argparse._SubParsersAction) -> argparse.Arg
         "--check", action="store_true",
         help="write nothing; exit 1 when a config differs from what the spec generates",
     )
+    add_models_option(parser)
     parser.set_defaults(func=run_generate)
     return parser
