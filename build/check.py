@@ -436,14 +436,20 @@ def latency_ms(
 
 
 def onnx_runner(
-    artifact: Path, spec: ModelSpec
+    artifact: Path, spec: ModelSpec, *, optimized: bool = True
 ) -> Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]:
     """A `run` function over a plain ONNX Runtime CPU session (for models not served by
     kiln_onnx; `load_served` is preferred where it applies, since it checks what serving checks).
+    `optimized=False` turns every graph optimization off (no fusions, one thread): the
+    independent reference an ONNX file is checked against.
     """
     import onnxruntime as ort
 
-    session = ort.InferenceSession(str(artifact), providers=["CPUExecutionProvider"])
+    options = ort.SessionOptions()
+    if not optimized:
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        options.intra_op_num_threads = 1
+    session = ort.InferenceSession(str(artifact), options, providers=["CPUExecutionProvider"])
     output_names = [t.name for t in spec.outputs]
 
     def run(feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -51,6 +51,7 @@ from types import ModuleType
 from typing import TYPE_CHECKING, Any, Protocol, TextIO
 
 from kiln import paths
+from kiln import repository as repository_files
 from kiln.build.check import BudgetError, BuildError, CheckError, HeldOut
 from kiln.spec import (
     PRECISIONS,
@@ -142,7 +143,8 @@ EXIT_BAD_INPUT = 2
 """Invalid spec, unknown model name, or the build extra is missing."""
 BYTES_PER_KIB = 1024
 REFERENCE_TORCH = "FP32 PyTorch"
-REFERENCE_ONNX = "FP32 source ONNX"
+REFERENCE_ONNX = "FP32 source ONNX (graph optimizations off)"
+REFERENCE_USER = "FP32 reference outputs given with the source"
 """How the FP32 reference is named in messages: a trained PyTorch model, or a source's own ONNX."""
 NOT_SERVED = "-"
 """The table's 'served as' cell of a variant kept in the artifacts folder only."""
@@ -166,10 +168,14 @@ class SourceStage(Protocol):
 
     - `export_onnx(source, dest: Path) -> Path`: writes the FP32 ONNX model to `dest` (or returns
       where it is) INSTEAD of training and exporting: `train` and `save_checkpoint` are not
-      called, the FP32 reference outputs come from running that ONNX file in a plain ONNX
-      Runtime CPU session, `min_accuracy` applies to its metric, and the check stage compares the
-      served file (through kiln_onnx's loader) with it (trivially the same model). The manifest
-      records no checkpoint and the exporter "source onnx".
+      called, the FP32 reference outputs come from running that ONNX file on ONNX Runtime with
+      every graph optimization off (or from `reference_outputs`), `min_accuracy` applies to its
+      metric, and the check stage compares the served session (all optimizations, through
+      kiln_onnx's loader) with that independent reference. The manifest records no checkpoint
+      and the exporter "source onnx".
+    - `reference_outputs(source) -> dict[str, np.ndarray] | None`: for an `export_onnx` source,
+      the expected FP32 outputs on the held-out inputs given by the user (e.g. from the model's
+      own framework); None: the unoptimized ONNX Runtime run is the reference.
     - `exports_onnx(source) -> bool`: for a module serving several source kinds, whether this
       source takes the `export_onnx` path; without it, having `export_onnx` decides.
     - `extra_files(source, model, workdir: Path) -> dict[str, Path]`: files to publish beside
@@ -405,7 +411,7 @@ class _Reference:
     exporter: str
 
 
-FILE_FIELDS = ("checkpoint", "path", "held_out")
+FILE_FIELDS = ("checkpoint", "path", "held_out", "reference")
 """Source fields naming a user's file (CheckpointSource, OnnxFileSource); a source dataclass of
 a model folder marks its own with field metadata {"file": True}."""
 
@@ -479,12 +485,19 @@ def _reference(
             exported = Path(_call(stage.export_onnx, source, exported, spec=spec))  # type: ignore[attr-defined]
             held = _call(stage.held_out, source, spec=spec)
             _check_held_out(spec, held)
-            outputs = check.run_batched(check.onnx_runner(exported, spec), spec, held.inputs)
+            given = _call(stage.reference_outputs, source, spec=spec) if hasattr(
+                stage, "reference_outputs") else None
+            if given is not None:
+                outputs, what = dict(given), REFERENCE_USER
+            else:
+                # Never the served session itself: the file with every optimization off.
+                runner = check.onnx_runner(exported, spec, optimized=False)
+                outputs, what = check.run_batched(runner, spec, held.inputs), REFERENCE_ONNX
             listed = [outputs[t.name] for t in spec.outputs]
             metric = held.score(listed, listed)
-        reference = _Reference(held, outputs, metric, REFERENCE_ONNX, None, None, "source onnx")
+        reference = _Reference(held, outputs, metric, what, None, None, "source onnx")
         log.say(
-            f"{tag} export: {_show(exported)}; reference outputs from ONNX Runtime; {held.metric} "
+            f"{tag} export: {_show(exported)}; reference: {what}; {held.metric} "
             f"{metric:.4f} on {held.size} held-out items  [{log.timings['export']:.2f} s]"
         )
         stage_name = "export"
@@ -1120,7 +1133,9 @@ def build(
     backends: Collection[str] | None = None,
     exporter: str | None = None,
 ) -> list[BuildResult]:
-    """Builds every spec that has a `build` section; skips those that are up to date.
+    """Builds every spec that has a `build` section; skips those that are up to date; writes
+    every spec's config.pbtxt (what `kiln generate` writes, embedded target): each built model's
+    right after its artifacts, the rest at the end, so no published model lacks its config.
 
     Args:
         specs: The repository's models; all are validated before anything starts.
@@ -1146,9 +1161,9 @@ def build(
     repository = Path(repository if repository is not None else paths.model_repository())
     log = _Log(out if out is not None else sys.stdout)
     buildable = [s for s in selected if s.build is not None]
-    for spec in selected:
-        if spec.build is None:
-            log.say(f"[{spec.name}] skipped: no build section (published by hand)")
+    hand_made = [s.name for s in selected if s.build is None]
+    if hand_made:
+        log.say(f"kiln build: no build section (configs only): {', '.join(hand_made)}")
     missing = [s.name for s in buildable if not _has_stage(s.build.source)]
     if missing:
         raise BuildError(
@@ -1170,6 +1185,14 @@ def build(
             artifacts=artifacts,
             repository=repository,
             exporter=exporter,
+        )
+        # The model's configs beside its artifacts: a published model.onnx never lacks one.
+        repository_files.write([spec], repository)
+    if selected:
+        written = repository_files.write(selected, repository)
+        log.say(
+            f"kiln build: {len(written)} config(s) in {_show(repository)} match the spec "
+            "(written where they differed; the same files as kiln generate)"
         )
     if results:
         log.say("")

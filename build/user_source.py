@@ -347,6 +347,38 @@ def agreement_metric(
     return name, score  # type: ignore[return-value]
 
 
+def reference_outputs(source: CheckpointSource | OnnxFileSource, spec: ModelSpec | None = None) -> (
+    dict[str, np.ndarray] | None
+):
+    """The FP32 outputs the user gave with an OnnxFileSource (`source.reference`, an .npz with
+    one array per spec output on the evaluation items), checked against the spec and the held-out
+    item count; None when none was given.
+
+    Raises:
+        UserSourceError: the file is missing, unreadable, or does not match the spec's outputs.
+    """
+    path_text = getattr(source, "reference", None)
+    if path_text is None:
+        return None
+    if spec is None:
+        raise UserSourceError(None, STAGE_HELD_OUT, "reference_outputs needs the model's spec (spec=...)")
+    where = f"build.source.reference {str(resolve_path(path_text))!r}"
+    path = resolve_path(path_text)
+    if not path.is_file():
+        raise UserSourceError(spec.name, STAGE_HELD_OUT, f"{where} does not exist")
+    with np.load(path, allow_pickle=False) as data:
+        arrays = {key: np.asarray(data[key]) for key in data.files}
+    items = {key: len(array) for key, array in arrays.items()}
+    names = [t.name for t in spec.outputs]
+    problems = [f"{where}: no array {name!r} (the spec's output)" for name in names if name not in arrays]
+    problems += [f"{where}: array {key!r} is not an output of the spec" for key in arrays if key not in names]
+    if len(set(items.values())) > 1:
+        problems.append(f"{where}: the arrays hold different numbers of items: {items}")
+    if problems:
+        raise UserSourceError(spec.name, STAGE_HELD_OUT, "; ".join(problems))
+    return {t.name: arrays[t.name] for t in spec.outputs}
+
+
 def _expected_shape(tensor: TensorSpec) -> str:
     return "[items, " + ", ".join("any" if d == -1 else str(d) for d in tensor.dims) + "]"
 

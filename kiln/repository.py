@@ -173,6 +173,13 @@ def generate(
         The configs written or already up to date, one per served model.
     """
     validate(specs, backends)
+    return write(specs, repository, target)
+
+
+def write(specs: Sequence[Spec], repository: Path, target: str = "embedded") -> list[Path]:
+    """Writes the files of `generated_files` for each of `specs` (already validated, with the
+    rest of their repository) under `repository`; a file whose text is unchanged is not
+    rewritten. Returns the configs, one per served model."""
     planned = {spec.name: generated_files(spec, target) for spec in served_specs(specs)}
     configs = []
     for name, files in planned.items():

@@ -209,15 +209,23 @@ class CheckpointSource:
 
 @dataclass(frozen=True)
 class OnnxFileSource:
-    """An existing ONNX model, served and quantized as is (its FP32 outputs are the reference).
+    """An existing ONNX model, served and quantized as is.
+
+    The check stage never compares the file with itself: the reference is `reference` when
+    given (the outputs the model's own framework gave on the evaluation items), else the file on
+    ONNX Runtime with every graph optimization off (no fused kernels), against which the served
+    session (all optimizations, through kiln_onnx's loader) must agree within the tolerance.
 
     Attributes:
         path: Path of the .onnx file (relative paths are relative to the project root).
         held_out: Path of an .npz laid out as for CheckpointSource.
+        reference: Optional path of an .npz of the expected FP32 outputs on the evaluation items
+            (one array per spec output, named after it, batch-first).
     """
 
     path: str
     held_out: str
+    reference: str | None = None
 
 
 SourceSpec: TypeAlias = Any
