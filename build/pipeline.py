@@ -604,13 +604,14 @@ def _is_onnx_source(stage: SourceStage, source: Any) -> bool:
 
 
 def _int8_settings(spec: ModelSpec, stage: SourceStage, source: Any) -> Int8Settings:
-    """The source stage's INT8 settings (its optional `int8_settings` hook), else the defaults."""
+    """The INT8 settings: the source stage's (its optional `int8_settings` hook) or the
+    defaults, then every option the spec sets (`BuildSpec.int8`, a kiln.spec.Int8Options)."""
+    import dataclasses
+
     from kiln.build import quantize
 
     hook = getattr(stage, "int8_settings", None)
-    if hook is None:
-        return quantize.INT8_DEFAULTS
-    settings = _call(hook, source, spec=spec)
+    settings = quantize.INT8_DEFAULTS if hook is None else _call(hook, source, spec=spec)
     if not isinstance(settings, quantize.Int8Settings):
         raise quantize.QuantizeError(
             spec.name,
@@ -618,6 +619,10 @@ def _int8_settings(spec: ModelSpec, stage: SourceStage, source: Any) -> Int8Sett
             f"the source stage's int8_settings hook must return kiln.build.quantize.Int8Settings, "
             f"got {type(settings).__name__}",
         )
+    options = spec.build.int8 if spec.build is not None else None
+    if options is not None:
+        chosen = {f.name: getattr(options, f.name) for f in dataclasses.fields(options)}
+        settings = replace(settings, **{k: v for k, v in chosen.items() if v is not None})
     return settings
 
 

@@ -150,6 +150,40 @@ class Tolerance:
     rtol: float = 1e-3
 
 
+INT8_METHODS = ("minmax", "percentile", "entropy")
+"""Calibration methods of ONNX Runtime's static quantizer (kiln.build.quantize)."""
+INT8_TYPES = ("quint8", "qint8")
+
+
+@dataclass(frozen=True)
+class Int8Options:
+    """A model's INT8 quantization settings (`BuildSpec.int8`); None keeps the source stage's
+    choice or kiln.build.quantize's default. The build records the settings used in the manifest.
+
+    Attributes:
+        method: Calibration: "minmax", "percentile" or "entropy".
+        per_channel: Per-channel weight scales.
+        reduce_range: 7-bit weights (safer on CPUs without VNNI).
+        activation_type: "quint8" or "qint8".
+        weight_type: "quint8" or "qint8".
+        op_types_to_quantize: Quantize only these operator types (empty: every type).
+        exclude_op_types: Operator types kept in FP32 (e.g. "Sigmoid", "Concat" of a
+            detection head).
+        nodes_to_exclude: Node names kept in FP32 (e.g. the head's last Conv nodes).
+        batch_size: Calibration items per run.
+    """
+
+    method: str | None = None
+    per_channel: bool | None = None
+    reduce_range: bool | None = None
+    activation_type: str | None = None
+    weight_type: str | None = None
+    op_types_to_quantize: tuple[str, ...] | None = None
+    exclude_op_types: tuple[str, ...] | None = None
+    nodes_to_exclude: tuple[str, ...] | None = None
+    batch_size: int | None = None
+
+
 OUTPUT_KINDS = ("class_scores", "probabilities", "regression", "embedding", "detections")
 """What an output means, which decides how a variant is measured against FP32 (`kiln.build.gates`)."""
 
@@ -277,6 +311,8 @@ class BuildSpec:
             measured against).
         outputs: What outputs mean (`OutputCheck`), for the per-output gates of every variant;
             an output not listed gets a kind by `kiln.build.gates.infer_kind`'s rule.
+        int8: The INT8 variant's quantization settings (`Int8Options`); None: the source stage's
+            or the defaults.
     """
 
     source: SourceSpec
@@ -285,6 +321,7 @@ class BuildSpec:
     min_accuracy: float | None = None
     variants: tuple[Variant, ...] = (Variant("fp32"),)
     outputs: tuple[OutputCheck, ...] = ()
+    int8: Int8Options | None = None
 
 
 @dataclass(frozen=True)
@@ -601,6 +638,8 @@ def _check_build(where: str, build: BuildSpec, outputs: Sequence[TensorSpec]) ->
         )
     problems += _check_variants(where, build.variants)
     problems += _check_output_checks(where, build.outputs, outputs)
+    if build.int8 is not None:
+        problems += _check_int8_options(where, build.int8)
     source = build.source
     if not dataclasses.is_dataclass(source) or isinstance(source, type):
         problems.append(
@@ -657,6 +696,30 @@ def _check_ranges(where: str, prefix: str, settings: Any) -> list[str]:
                 f"{where}: field '{prefix}.{spec_field.name}' must be {kind} in "
                 f"{low:g}..{high:g}, got {value!r}"
             )
+    return problems
+
+
+def _check_int8_options(where: str, options: Int8Options) -> list[str]:
+    problems = []
+    at = f"{where}: field 'build.int8"
+    if options.method is not None and options.method not in INT8_METHODS:
+        problems.append(f"{at}.method' must be one of {', '.join(INT8_METHODS)}, got {options.method!r}")
+    for name in ("activation_type", "weight_type"):
+        value = getattr(options, name)
+        if value is not None and value not in INT8_TYPES:
+            problems.append(f"{at}.{name}' must be one of {', '.join(INT8_TYPES)}, got {value!r}")
+    for name in ("per_channel", "reduce_range"):
+        value = getattr(options, name)
+        if value is not None and not isinstance(value, bool):
+            problems.append(f"{at}.{name}' must be true or false, got {value!r}")
+    for name in ("op_types_to_quantize", "exclude_op_types", "nodes_to_exclude"):
+        value = getattr(options, name)
+        if value is not None and (
+            isinstance(value, str) or not all(isinstance(v, str) and v for v in value)
+        ):
+            problems.append(f"{at}.{name}' must be a tuple of names, got {value!r}")
+    if options.batch_size is not None and not (_is_int(options.batch_size) and options.batch_size >= 1):
+        problems.append(f"{at}.batch_size' must be an integer >= 1, got {options.batch_size!r}")
     return problems
 
 
