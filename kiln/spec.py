@@ -784,6 +784,7 @@ BACKEND_PARAMS: Mapping[str, str] = MappingProxyType({
     "kiln_text": "kiln.serving.text:TEXT_PARAMS",
     "kiln_tabular": "kiln.serving.tabular:TABULAR_PARAMS",
     "kiln_classify": "kiln.serving.classify:CLASSIFY_PARAMS",
+    "kiln_detect": "kiln.serving.detect:DETECT_PARAMS",
     "kiln_pool": "kiln.serving.pool:POOL_PARAMS",
     "kiln_threshold": "kiln.serving.threshold:THRESHOLD_PARAMS",
 })

@@ -25,6 +25,21 @@ average, not Pillow's bilinear filter): by 0.6 of an 8-bit grey level on average
 photographs upscaled to 1600-4032 pixels. The reference pipeline
 (`kiln.build.reference.image`) decodes the same way when the spec turns it on.
 
+Letterbox mode (`resize_mode: letterbox`, for detectors): instead of the center crop, the whole
+image is resized keeping its aspect ratio so that its longer side is `image_size` (each side
+`round(side * image_size / longer side)`, from the upright image's full dimensions), placed in the
+middle of an `image_size` x `image_size` canvas of grey level `pad_value` (114, YOLO's; normalized
+like every pixel), the odd pixel of padding going to the right and bottom. The default,
+`center_crop`, is unchanged.
+
+Either mode can also output, per image, the transform mapping the model input's pixel
+coordinates back onto the original (upright) image: FP32 [6] = (scale_x, scale_y, pad_x, pad_y,
+width, height), where `x_original = (x_model - pad_x) / scale_x`, `y_original = (y_model - pad_y) /
+scale_y` and width x height is the original image's size (the bounds to clip to). In letterbox
+mode scale_x = resized width / width (likewise y) and pad_x, pad_y are the padding on the left and
+top; in center_crop mode the pads are minus the crop's offsets. A model config declares it as a
+second output FP32 dims [6] (any name); without one, the step outputs only the image.
+
 Errors are per image and name it: `ImageError` ("image 2 of the request could not be decoded:
 ..."), a `ValueError` whose `reason` ("decode", "too_large", "unsupported_format",
 "bad_dimensions", "invalid_input") labels the backend's failure metric. A request with a bad image
@@ -38,7 +53,7 @@ import struct
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -55,6 +70,15 @@ HEADER_BYTES_SHOWN = 8
 """Leading bytes quoted in the error for a payload that is neither JPEG nor PNG."""
 EXIF_ORIENTATION_TAG = 0x0112
 ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
+RESIZE_MODES = ("center_crop", "letterbox")
+"""How an image becomes image_size x image_size: the center crop, or the whole image padded."""
+LETTERBOX_PAD = 114
+"""YOLO's letterbox grey level (114/255 after scaling)."""
+TRANSFORM_FIELDS = ("scale_x", "scale_y", "pad_x", "pad_y", "width", "height")
+"""The optional transform output's values, per image (FP32 [6]; see the module doc)."""
+TRANSFORM_SIZE = len(TRANSFORM_FIELDS)
+_SWAPS_SIDES = frozenset({5, 6, 7, 8})
+"""EXIF orientations that turn the image by 90 degrees (width and height swap)."""
 
 RESAMPLING = {
     "nearest": Image.Resampling.NEAREST,
@@ -95,11 +119,25 @@ _EXIF_TRANSPOSE = {
 
 IMAGE_PARAMS: tuple[Param, ...] = (
     Param("channels", "str", "3", "model input channels: 3 (RGB) or 1 (grey)", choices=("1", "3")),
-    Param("image_size", "int", 224, "height and width of the output (the center crop)", minimum=1),
+    Param(
+        "image_size", "int", 224, "height and width of the output (the center crop or the letterbox)",
+        minimum=1,
+    ),
+    Param(
+        "resize_mode", "str", "center_crop",
+        "center_crop: resize the shorter side, then crop the center; letterbox: resize the longer "
+        "side to image_size keeping the aspect ratio and pad the rest with pad_value",
+        choices=RESIZE_MODES,
+    ),
     Param(
         "crop_fraction", "float", 0.875,
         "the center crop's share of the resized shorter side, in (0, 1]: the shorter side is "
-        "resized to round(image_size / crop_fraction)", minimum=1e-3,
+        "resized to round(image_size / crop_fraction) (center_crop only)", minimum=1e-3,
+    ),
+    Param(
+        "pad_value", "int", LETTERBOX_PAD,
+        "grey level (0-255) of the letterbox padding, normalized like the pixels (letterbox only)",
+        minimum=0,
     ),
     Param("pixel_scale", "float", 255.0, "pixels are divided by this first", minimum=1e-6),
     Param(
@@ -150,7 +188,9 @@ class ImageParams:
 
     channels: str
     image_size: int
+    resize_mode: str
     crop_fraction: float
+    pad_value: int
     pixel_scale: float
     mean: tuple[float, ...]
     std: tuple[float, ...]
@@ -169,6 +209,11 @@ class ImageParams:
         """The output's channels, 1 or 3."""
         return int(self.channels)
 
+    @property
+    def letterbox(self) -> bool:
+        """Whether the whole image is fitted and padded (else center-cropped)."""
+        return self.resize_mode == "letterbox"
+
 
 def image_params(model: str, raw: Mapping[str, str]) -> ImageParams:
     """Parses and cross-checks kiln_image's `parameters`.
@@ -176,7 +221,8 @@ def image_params(model: str, raw: Mapping[str, str]) -> ImageParams:
     Raises:
         ParamError: a key is unknown, a value is out of its range, or values disagree (mean or std
             of another length than 1 or `channels`, a std of 0, crop_fraction above 1, an
-            alpha_background above 255), naming the model, the key and the value.
+            alpha_background or pad_value above 255, crop_fraction set with resize_mode letterbox
+            or pad_value with center_crop), naming the model, the key and the value.
     """
     params = parse_params(model, raw, IMAGE_PARAMS, ImageParams)
     channels = params.num_channels
@@ -193,10 +239,20 @@ def image_params(model: str, raw: Mapping[str, str]) -> ImageParams:
         raise ParamError(
             f"model '{model}': parameter 'crop_fraction' must be in (0, 1], got {raw.get('crop_fraction')!r}"
         )
-    if params.alpha_background > MAX_LEVEL:
+    for name in ("alpha_background", "pad_value"):
+        if getattr(params, name) > MAX_LEVEL:
+            raise ParamError(
+                f"model '{model}': parameter '{name}' must be in 0..{MAX_LEVEL}, got {raw.get(name)!r}"
+            )
+    if params.letterbox and "crop_fraction" in raw:
         raise ParamError(
-            f"model '{model}': parameter 'alpha_background' must be in 0..{MAX_LEVEL}, "
-            f"got {raw.get('alpha_background')!r}"
+            f"model '{model}': parameter 'crop_fraction' applies to resize_mode center_crop only; "
+            f"resize_mode letterbox keeps the whole image, got crop_fraction {raw['crop_fraction']!r}"
+        )
+    if not params.letterbox and "pad_value" in raw:
+        raise ParamError(
+            f"model '{model}': parameter 'pad_value' applies to resize_mode letterbox only, "
+            f"got pad_value {raw['pad_value']!r} with resize_mode center_crop"
         )
     return params
 
@@ -287,6 +343,13 @@ def resize_target(width: int, height: int, image_size: int, crop_fraction: float
     return max(short, round(width * scale)), max(short, round(height * scale))
 
 
+def letterbox_target(width: int, height: int, image_size: int) -> tuple[int, int]:
+    """(width, height) the image is resized to in letterbox mode: the longer side becomes
+    `image_size`, the shorter `round(side * image_size / longer side)` (at least 1)."""
+    scale = image_size / max(width, height)
+    return max(1, min(image_size, round(width * scale))), max(1, min(image_size, round(height * scale)))
+
+
 def _composite(rgba: np.ndarray, background: float) -> np.ndarray:
     """uint8 [H, W, 4] -> uint8 [H, W, 3] composited on `background` (float32 arithmetic, rounded
     half to even: the same operations as kiln.models.resnet50.build's RGBA conversion)."""
@@ -310,8 +373,10 @@ def lookup_tables(params: ImageParams) -> np.ndarray:
 class ImagePreprocessor:
     """Encoded images -> normalized float [N, C, image_size, image_size] (see the module doc).
 
-    `crop` is the per-image work (bytes -> uint8 crop); `normalize` the vectorized batch step;
-    `run` serves a dynamic batch of Triton requests; `preprocess` is the in-process entry.
+    `place` is the per-image work (bytes -> uint8 crop or letterbox, and its transform), `crop`
+    the same without the transform; `normalize` the vectorized batch step; `run` serves a dynamic
+    batch of Triton requests; `preprocess` (and `preprocess_with_transforms`) the in-process entry.
+    With `transform_name`, `run` also outputs each image's transform (FP32 [6]) under that name.
     """
 
     def __init__(
@@ -320,11 +385,13 @@ class ImagePreprocessor:
         input_name: str,
         output_name: str,
         output_dtype: np.dtype | type = np.float32,
+        transform_name: str | None = None,
     ) -> None:
         self.params = params
         self.input_name = input_name
         self.output_name = output_name
         self.output_dtype = np.dtype(output_dtype)
+        self.transform_name = transform_name
         self.channels = params.num_channels
         self.size = params.image_size
         self.resample = RESAMPLING[params.resample]
@@ -433,9 +500,19 @@ class ImagePreprocessor:
         Raises:
             ImageError: the data is truncated or corrupt, or the pixel mode is not supported.
         """
+        return self._decode(image, index)[0]
+
+    def _target(self, width: int, height: int) -> tuple[int, int]:
+        """The size an image of width x height is resized to (before the crop or the padding)."""
+        if self.params.letterbox:
+            return letterbox_target(width, height, self.size)
+        return resize_target(width, height, self.size, self.params.crop_fraction)
+
+    def _decode(self, image: Image.Image, index: int) -> tuple[Image.Image, int]:
+        """`decode`, and the EXIF orientation it applied (1: none)."""
         kind = image.format or "image"
         if self.params.jpeg_draft and image.format == "JPEG":
-            image.draft(image.mode, resize_target(*image.size, self.size, self.params.crop_fraction))
+            image.draft(image.mode, self._target(*image.size))
         orientation = 1
         try:
             if self.params.exif_orientation and image.format == "JPEG":
@@ -445,15 +522,30 @@ class ImagePreprocessor:
             raise ImageError(index, "decode", f"its {kind} data is truncated or corrupt ({error})") from None
         image = _standard_mode(image, index)
         transpose = _EXIF_TRANSPOSE.get(orientation) if isinstance(orientation, int) else None
-        return image.transpose(transpose) if transpose is not None else image
+        if transpose is None:
+            return image, 1
+        return image.transpose(transpose), orientation
 
     def crop(self, data: Any, index: int = 0) -> np.ndarray:
-        """One payload -> its uint8 center crop: [S, S] for grey, [S, S, 3] for RGB.
+        """One payload -> its uint8 center crop (or letterbox): [S, S] for grey, [S, S, 3] for RGB.
 
         Raises:
             ImageError: see `open` and `decode`.
         """
-        image = self.decode(self.open(data, index), index)
+        return self.place(data, index)[0]
+
+    def place(self, data: Any, index: int = 0) -> tuple[np.ndarray, np.ndarray]:
+        """One payload -> its uint8 center crop or letterbox ([S, S] grey, [S, S, 3] RGB) and the
+        float32 [6] transform from its pixel coordinates back to the original image's.
+
+        Raises:
+            ImageError: see `open` and `decode`.
+        """
+        opened = self.open(data, index)
+        width, height = opened.size  # the header's, before any draft reduction
+        image, orientation = self._decode(opened, index)
+        if orientation in _SWAPS_SIDES:
+            width, height = height, width
         if image.mode == "RGBA":
             alpha_min, _ = image.getextrema()[3]
             if alpha_min == MAX_LEVEL:  # opaque: compositing changes nothing
@@ -462,12 +554,25 @@ class ImagePreprocessor:
                 image = Image.fromarray(_composite(np.asarray(image), self.background))
         if self.channels == 1 and image.mode != "L":
             image = image.convert("L")
-        width, height = image.size
-        target = resize_target(width, height, self.size, self.params.crop_fraction)
-        resized = image.resize(target, self.resample) if target != image.size else image
-        left = (target[0] - self.size) // 2
-        top = (target[1] - self.size) // 2
-        return np.asarray(resized.crop((left, top, left + self.size, top + self.size)))
+        if self.params.letterbox:
+            # From the full upright size, so the geometry does not depend on a draft reduction.
+            target = letterbox_target(width, height, self.size)
+            resized = np.asarray(image.resize(target, self.resample) if target != image.size else image)
+            left, top = (self.size - target[0]) // 2, (self.size - target[1]) // 2
+            pixels = np.full((self.size, self.size, *resized.shape[2:]), self.params.pad_value, np.uint8)
+            pixels[top : top + target[1], left : left + target[0]] = resized
+            shift = (left, top)
+        else:
+            target = self._target(*image.size)
+            resized_image = image.resize(target, self.resample) if target != image.size else image
+            left = (target[0] - self.size) // 2
+            top = (target[1] - self.size) // 2
+            pixels = np.asarray(resized_image.crop((left, top, left + self.size, top + self.size)))
+            shift = (-left, -top)
+        transform = np.array(
+            (target[0] / width, target[1] / height, *shift, width, height), dtype=np.float32
+        )
+        return pixels, transform
 
     # -- the batch ----------------------------------------------------------------------------
     def normalize(self, crops: Sequence[np.ndarray]) -> np.ndarray:
@@ -482,10 +587,10 @@ class ImagePreprocessor:
             np.take(self.tables[c], stacked[:, c], out=out[:, c], mode="clip")
         return out if self.output_dtype == np.float32 else out.astype(self.output_dtype)
 
-    def _crops(self, items: Sequence[tuple[Any, int]]) -> list[np.ndarray | ImageError]:
-        def one(item: tuple[Any, int]) -> np.ndarray | ImageError:
+    def _crops(self, items: Sequence[tuple[Any, int]]) -> list[tuple[np.ndarray, np.ndarray] | ImageError]:
+        def one(item: tuple[Any, int]) -> tuple[np.ndarray, np.ndarray] | ImageError:
             try:
-                return self.crop(*item)
+                return self.place(*item)
             except ImageError as error:
                 return error
 
@@ -495,11 +600,18 @@ class ImagePreprocessor:
 
     def preprocess(self, images: Sequence[Any]) -> np.ndarray:
         """Encoded images -> [N, C, S, S]; raises the first image's error (in-process use)."""
-        crops = self._crops([(data, i) for i, data in enumerate(images)])
-        for crop in crops:
-            if isinstance(crop, ImageError):
-                raise crop
-        return self.normalize(crops)  # type: ignore[arg-type]
+        return self.preprocess_with_transforms(images)[0]
+
+    def preprocess_with_transforms(self, images: Sequence[Any]) -> tuple[np.ndarray, np.ndarray]:
+        """Encoded images -> ([N, C, S, S], their transforms float32 [N, 6]); raises the first
+        image's error (in-process use)."""
+        placed = self._crops([(data, i) for i, data in enumerate(images)])
+        for item in placed:
+            if isinstance(item, ImageError):
+                raise item
+        crops = [item[0] for item in placed]  # type: ignore[index]
+        transforms = np.stack([item[1] for item in placed]) if placed else np.empty((0, TRANSFORM_SIZE))
+        return self.normalize(crops), transforms.astype(np.float32)  # type: ignore[union-attr]
 
     def _request_images(self, inputs: Mapping[str, np.ndarray | None]) -> np.ndarray:
         array = inputs.get(self.input_name)
@@ -528,23 +640,26 @@ class ImagePreprocessor:
                 continue
             items += [(data, i) for i, data in enumerate(images)]
             owners += [r] * len(images)
-        crops = self._crops(items)
-        accepted: dict[int, list[np.ndarray]] = {}
+        placed = self._crops(items)
+        accepted: dict[int, list[tuple[np.ndarray, np.ndarray]]] = {}
         failed: set[int] = set()
-        for owner, crop in zip(owners, crops, strict=True):
+        for owner, item in zip(owners, placed, strict=True):
             if owner in failed:
                 continue
-            if isinstance(crop, ImageError):  # the request's first bad image is its error
-                results[owner] = crop
+            if isinstance(item, ImageError):  # the request's first bad image is its error
+                results[owner] = item
                 failed.add(owner)
                 accepted.pop(owner, None)
             else:
-                accepted.setdefault(owner, []).append(crop)
+                accepted.setdefault(owner, []).append(item)
         if accepted:
-            batch = self.normalize([crop for owned in accepted.values() for crop in owned])
+            batch = self.normalize([crop for owned in accepted.values() for crop, _ in owned])
             offset = 0
             for owner, owned in accepted.items():
-                results[owner] = {self.output_name: batch[offset : offset + len(owned)]}
+                outputs = {self.output_name: batch[offset : offset + len(owned)]}
+                if self.transform_name is not None:
+                    outputs[self.transform_name] = np.stack([transform for _, transform in owned])
+                results[owner] = outputs
                 offset += len(owned)
         return results
 
@@ -580,16 +695,27 @@ OUTPUT_TYPES = {"TYPE_FP32": np.float32, "TYPE_FP16": np.float16}
 """Output data types kiln_image writes (the model's input type)."""
 BYTES_TYPES = ("TYPE_STRING", "TYPE_BYTES")
 """Triton's JSON names BYTES "TYPE_STRING"."""
+TRANSFORM_TYPE = "TYPE_FP32"
 SELF_TEST_SIZE = 2
 """Side of the tiny PNG each model decodes at load (imports Pillow's plugins, checks the path)."""
 
 
-def check_config(model: str, config: Mapping[str, Any], params: ImageParams) -> tuple[str, str, np.dtype]:
-    """The config must declare one BYTES input [1] and one FP32/FP16 output [C, S, S] agreeing with
-    `channels` and `image_size`.
+class ImageTensors(NamedTuple):
+    """The tensor names and output type a kiln_image config declares."""
+
+    input: str
+    output: str
+    dtype: np.dtype
+    transform: str | None
+    """The transform output's name, or None when the config declares none."""
+
+
+def check_config(model: str, config: Mapping[str, Any], params: ImageParams) -> ImageTensors:
+    """The config must declare one BYTES input [1], one FP32/FP16 output [C, S, S] agreeing with
+    `channels` and `image_size`, and optionally one FP32 output [6] (the transform).
 
     Returns:
-        The input name, the output name and the output's numpy dtype.
+        The input name, the image output's name and numpy dtype, the transform output's name.
 
     Raises:
         ImageLoadError: naming the tensor and what was expected and given.
@@ -598,23 +724,43 @@ def check_config(model: str, config: Mapping[str, Any], params: ImageParams) -> 
     if len(inputs) != 1 or inputs[0].get("data_type") not in BYTES_TYPES or [
         int(d) for d in inputs[0].get("dims", ())
     ] != [1]:
-        got = ", ".join(f"{t.get('name')} {t.get('data_type')} {list(t.get('dims', ()))}" for t in inputs)
+        got = ", ".join(_describe(t) for t in inputs)
         raise ImageLoadError(
             f"model '{model}': kiln_image needs exactly one input of TYPE_STRING (BYTES) dims [1], "
             f"got {got or 'none'}"
         )
+    transforms = [t for t in outputs if len(t.get("dims", ())) == 1]
+    images = [t for t in outputs if len(t.get("dims", ())) != 1]
     want = [params.num_channels, params.image_size, params.image_size]
     if (
-        len(outputs) != 1
-        or outputs[0].get("data_type") not in OUTPUT_TYPES
-        or [int(d) for d in outputs[0].get("dims", ())] != want
+        len(images) != 1
+        or images[0].get("data_type") not in OUTPUT_TYPES
+        or [int(d) for d in images[0].get("dims", ())] != want
     ):
-        got = ", ".join(f"{t.get('name')} {t.get('data_type')} {list(t.get('dims', ()))}" for t in outputs)
+        got = ", ".join(_describe(t) for t in images)
         raise ImageLoadError(
             f"model '{model}': kiln_image needs exactly one output of {' or '.join(OUTPUT_TYPES)} "
             f"dims {want} (channels, image_size, image_size from its parameters), got {got or 'none'}"
         )
-    return inputs[0]["name"], outputs[0]["name"], np.dtype(OUTPUT_TYPES[outputs[0]["data_type"]])
+    if len(transforms) > 1 or any(
+        t.get("data_type") != TRANSFORM_TYPE or [int(d) for d in t.get("dims", ())] != [TRANSFORM_SIZE]
+        for t in transforms
+    ):
+        raise ImageLoadError(
+            f"model '{model}': kiln_image's only other output is the transform, {TRANSFORM_TYPE} dims "
+            f"[{TRANSFORM_SIZE}] ({', '.join(TRANSFORM_FIELDS)}), got "
+            f"{', '.join(_describe(t) for t in transforms)}"
+        )
+    return ImageTensors(
+        inputs[0]["name"],
+        images[0]["name"],
+        np.dtype(OUTPUT_TYPES[images[0]["data_type"]]),
+        transforms[0]["name"] if transforms else None,
+    )
+
+
+def _describe(tensor: Mapping[str, Any]) -> str:
+    return f"{tensor.get('name')} {tensor.get('data_type')} {list(tensor.get('dims', ()))}"
 
 
 def from_config(model: str, config: Mapping[str, Any], raw_params: Mapping[str, str]) -> ImagePreprocessor:
@@ -626,8 +772,8 @@ def from_config(model: str, config: Mapping[str, Any], raw_params: Mapping[str, 
         ImageLoadError: the config's tensors disagree with the parameters, or the self-test failed.
     """
     params = image_params(model, raw_params)
-    input_name, output_name, dtype = check_config(model, config, params)
-    step = ImagePreprocessor(params, input_name, output_name, dtype)
+    names = check_config(model, config, params)
+    step = ImagePreprocessor(params, names.input, names.output, names.dtype, names.transform)
     buffer = io.BytesIO()
     Image.new("RGB", (SELF_TEST_SIZE, SELF_TEST_SIZE)).save(buffer, "PNG")
     try:

@@ -431,3 +431,186 @@ def test_config_disagreeing_with_parameters_fails_the_load(cfg: dict, message: s
         from_config("m", cfg, {})
     assert str(caught.value).startswith("model 'm': ")
     assert message in str(caught.value)
+
+
+# -- letterbox mode and the transform output ------------------------------------------------------
+
+
+LETTERBOX = {"resize_mode": "letterbox", "mean": "0", "std": "1"}
+YOLO_PAD = 114
+
+
+def letterbox_step(image_size: int = 320, channels: int = 3, **raw: str) -> ImagePreprocessor:
+    params = image_params("m", {"channels": str(channels), "image_size": str(image_size), **LETTERBOX, **raw})
+    return ImagePreprocessor(params, tensors.IMAGE, "out", np.float32, "letterbox")
+
+
+def rectangle_image(width: int, height: int, box: tuple[int, int, int, int]) -> np.ndarray:
+    """A dark grey RGB image with one bright red rectangle covering pixels x1..x2-1, y1..y2-1."""
+    pixels = np.full((height, width, 3), 30, np.uint8)
+    x1, y1, x2, y2 = box
+    pixels[y1:y2, x1:x2] = (250, 10, 10)
+    return pixels
+
+
+def found_box(model_input: np.ndarray) -> np.ndarray:
+    """The red rectangle's box (x1, y1, x2, y2, pixel edges) in a [3, S, S] input in [0, 1]:
+    the pixels more red than half way."""
+    ys, xs = np.nonzero(model_input[0] > 0.5)
+    return np.array([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1], np.float64)
+
+
+def back_to_original(box: np.ndarray, transform: np.ndarray) -> np.ndarray:
+    """The documented mapping, written out: x = (x_model - pad_x) / scale_x (likewise y)."""
+    scale_x, scale_y, pad_x, pad_y = (float(v) for v in transform[:4])
+    return np.array([(box[0] - pad_x) / scale_x, (box[1] - pad_y) / scale_y,
+                     (box[2] - pad_x) / scale_x, (box[3] - pad_y) / scale_y])
+
+
+def test_letterbox_params_default_to_the_center_crop() -> None:
+    params = image_params("m", {})
+    assert params.resize_mode == "center_crop" and params.letterbox is False and params.pad_value == 114
+    assert image_params("m", {"resize_mode": "letterbox", "pad_value": "0"}).letterbox is True
+
+
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        ({"resize_mode": "pad"}, "model 'm': parameter 'resize_mode' must be one of center_crop, letterbox, got 'pad'"),
+        ({"resize_mode": "letterbox", "pad_value": "256"}, "model 'm': parameter 'pad_value' must be in 0..255, got '256'"),
+        ({"resize_mode": "letterbox", "pad_value": "-1"}, "model 'm': parameter 'pad_value' must be an integer >= 0, got '-1'"),
+        (
+            {"resize_mode": "letterbox", "crop_fraction": "0.9"},
+            "model 'm': parameter 'crop_fraction' applies to resize_mode center_crop only; resize_mode "
+            "letterbox keeps the whole image, got crop_fraction '0.9'",
+        ),
+        (
+            {"pad_value": "114"},
+            "model 'm': parameter 'pad_value' applies to resize_mode letterbox only, got pad_value '114' "
+            "with resize_mode center_crop",
+        ),
+    ],
+)
+def test_bad_letterbox_params_are_named_whole(raw: dict, message: str) -> None:
+    with pytest.raises(ParamError) as caught:
+        image_params("m", raw)
+    assert str(caught.value) == message
+
+
+def test_letterbox_640x480_into_320_scales_by_half_and_pads_y() -> None:
+    pixels = photo("astronaut")
+    landscape = np.asarray(Image.fromarray(pixels).resize((640, 480), Image.Resampling.BICUBIC))
+    result = letterbox_step().run([request(encode(landscape, "PNG"))])[0]
+    assert set(result) == {"out", "letterbox"}
+    np.testing.assert_array_equal(
+        result["letterbox"], np.array([[0.5, 0.5, 0.0, 40.0, 640.0, 480.0]], np.float32)
+    )
+    served = result["out"][0]
+    assert served.shape == (3, 320, 320)
+    # The test's own letterbox: Pillow's bilinear resize to 320x240, in rows 40..279 of a 114 canvas.
+    expected = np.full((320, 320, 3), YOLO_PAD, np.uint8)
+    expected[40:280] = np.asarray(Image.fromarray(landscape).resize((320, 240), Image.Resampling.BILINEAR))
+    np.testing.assert_array_equal(served, expected.transpose(2, 0, 1) / np.float32(255))
+    assert np.all(served[:, :40] == np.float32(YOLO_PAD) / np.float32(255))
+
+
+def test_letterbox_portrait_pads_x_and_the_odd_pixel_goes_right_and_bottom() -> None:
+    portrait = rectangle_image(480, 640, (0, 0, 0, 0))
+    result = letterbox_step().run([request(encode(portrait, "PNG"))])[0]
+    np.testing.assert_array_equal(result["letterbox"][0], np.array([0.5, 0.5, 40, 0, 480, 640], np.float32))
+    assert np.all(result["out"][0, :, :, :40] == np.float32(YOLO_PAD / 255))
+    assert np.all(result["out"][0, :, :, 40:280] == np.float32(30 / 255))
+    # 100x36 into 64: resized to 64x23 (36 * 0.64 = 23.04), 41 rows of padding: 20 above, 21 below.
+    grey = letterbox_step(image_size=64, channels=1, pad_value="0")
+    out = grey.run([request(encode(np.full((36, 100), 200, np.uint8), "PNG"))])[0]
+    np.testing.assert_array_equal(out["letterbox"][0], np.array([0.64, 23 / 36, 0, 20, 100, 36], np.float32))
+    rows = out["out"][0, 0, :, 10]
+    assert rows[:20].max() == 0 and rows[43:].max() == 0 and np.all(rows[20:43] == np.float32(200 / 255))
+
+
+@pytest.mark.parametrize(
+    ("size", "box"),
+    [((640, 480), (100, 200, 300, 400)), ((480, 640), (40, 500, 480, 640)), ((1000, 333), (0, 0, 250, 100))],
+)
+def test_boxes_mapped_back_through_the_transform_land_on_the_original(size, box) -> None:
+    """A red rectangle found in the model input and mapped back lands on the original rectangle
+    (within 1 original pixel per model pixel of resampling blur)."""
+    data = encode(rectangle_image(*size, box), "PNG")
+    result = letterbox_step().run([request(data)])[0]
+    transform = result["letterbox"][0]
+    mapped = back_to_original(found_box(result["out"][0]), transform)
+    tolerance = 1.0 / float(transform[0])
+    np.testing.assert_allclose(mapped, np.array(box, np.float64), atol=tolerance)
+
+
+def test_the_transform_is_of_the_upright_full_size_image_with_exif_and_jpeg_draft() -> None:
+    big = rectangle_image(1600, 1200, (400, 300, 800, 900))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 CW to display": upright it is 1200 wide, 1600 high
+    data = encode(big, "JPEG", quality=95, exif=exif.tobytes())
+    for draft in ("false", "true"):
+        result = letterbox_step(jpeg_draft=draft).run([request(data)])[0]
+        np.testing.assert_array_equal(
+            result["letterbox"][0], np.array([0.2, 0.2, 40, 0, 1200, 1600], np.float32)
+        )
+        # Upright, the rectangle's x is 1200 - y2 .. 1200 - y1, its y the stored x.
+        mapped = back_to_original(found_box(result["out"][0]), result["letterbox"][0])
+        np.testing.assert_allclose(mapped, [300, 400, 900, 800], atol=2 / 0.2)
+
+
+def test_center_crop_can_output_its_transform_too_and_is_otherwise_unchanged() -> None:
+    data = encode(rectangle_image(640, 480, (200, 100, 440, 380)), "PNG")
+    plain = step(mean="0", std="1").run([request(data)])[0]
+    assert set(plain) == {"out"}
+    with_transform = ImagePreprocessor(
+        image_params("m", {"mean": "0", "std": "1"}), tensors.IMAGE, "out", np.float32, "t"
+    ).run([request(data)])[0]
+    np.testing.assert_array_equal(with_transform["out"], plain["out"])
+    # Shorter side 480 -> 256 (224 / 0.875), so 640 -> 341; crop offsets (58, 16).
+    np.testing.assert_array_equal(
+        with_transform["t"][0], np.array([341 / 640, 256 / 480, -58, -16, 640, 480], np.float32)
+    )
+    mapped = back_to_original(found_box(with_transform["out"][0]), with_transform["t"][0])
+    np.testing.assert_allclose(mapped, [200, 100, 440, 380], atol=2.0)
+
+
+def test_preprocess_with_transforms_in_process() -> None:
+    files = [encode(rectangle_image(640, 480, (0, 0, 1, 1)), "PNG"), encode(rectangle_image(200, 400, (0, 0, 1, 1)), "PNG")]
+    images, transforms = letterbox_step().preprocess_with_transforms(files)
+    assert images.shape == (2, 3, 320, 320) and transforms.dtype == np.float32
+    np.testing.assert_array_equal(transforms, np.array([[0.5, 0.5, 0, 40, 640, 480], [0.8, 0.8, 80, 0, 200, 400]], np.float32))
+
+
+def letterbox_config(outputs: list[dict]) -> dict:
+    return {"input": [{"name": tensors.IMAGE, "data_type": "TYPE_STRING", "dims": [1]}], "output": outputs}
+
+
+IMAGES_320 = {"name": "images", "data_type": "TYPE_FP32", "dims": [3, 320, 320]}
+
+
+def test_from_config_finds_the_transform_output_by_its_shape() -> None:
+    params = {"image_size": "320", "resize_mode": "letterbox"}
+    transform = {"name": "lb", "data_type": "TYPE_FP32", "dims": [6]}
+    preprocessor = from_config("m", letterbox_config([transform, IMAGES_320]), params)
+    assert (preprocessor.output_name, preprocessor.transform_name) == ("images", "lb")
+    assert from_config("m", letterbox_config([IMAGES_320]), params).transform_name is None
+
+
+@pytest.mark.parametrize(
+    ("extra", "got"),
+    [
+        ([{"name": "lb", "data_type": "TYPE_FP16", "dims": [6]}], "lb TYPE_FP16 [6]"),
+        ([{"name": "lb", "data_type": "TYPE_FP32", "dims": [4]}], "lb TYPE_FP32 [4]"),
+        (
+            [{"name": "a", "data_type": "TYPE_FP32", "dims": [6]}, {"name": "b", "data_type": "TYPE_FP32", "dims": [6]}],
+            "a TYPE_FP32 [6], b TYPE_FP32 [6]",
+        ),
+    ],
+)
+def test_a_bad_transform_output_fails_the_load(extra: list, got: str) -> None:
+    with pytest.raises(ImageLoadError) as caught:
+        from_config("m", letterbox_config([IMAGES_320, *extra]), {"image_size": "320", "resize_mode": "letterbox"})
+    assert str(caught.value) == (
+        "model 'm': kiln_image's only other output is the transform, TYPE_FP32 dims [6] "
+        f"(scale_x, scale_y, pad_x, pad_y, width, height), got {got}"
+    )
