@@ -124,7 +124,8 @@ def config_dict(spec: Spec, target: str = "embedded") -> dict[str, Any]:
                 "inputs": {
                     t.name: {
                         "data_type": data_type(t.dtype),
-                        "dims": list(t.dims),
+                        # an input with a -1 dim warms up at the dims `Warmup.dims` gives it
+                        "dims": list(w.dims.get(t.name, t.dims)),
                         data_key[w.data]: True,
                     }
                     for t in spec.inputs

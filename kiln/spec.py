@@ -96,12 +96,17 @@ class Warmup:
         batch_size: Items in the warmup request.
         data: "zero" or "random" input data.
         count: How many times to send it.
+        dims: Per-item dims of the warmup request for the inputs whose spec dims hold a -1 (input
+            name -> dims, e.g. `{"input_ids": (16,)}`); when any input has a -1 dim, every such
+            input must be given here, with its fixed dims as in the spec. Empty for a model whose
+            inputs are all fixed: the warmup then uses the spec's dims.
     """
 
     name: str = "warmup"
     batch_size: int = 1
     data: str = "zero"
     count: int = 1
+    dims: Mapping[str, tuple[int, ...]] = field(default_factory=lambda: MappingProxyType({}))
 
 
 VERSION_POLICIES = ("latest", "all", "specific")
@@ -569,11 +574,51 @@ def _check_warmup(
             problems.append(f"{at}.data' must be one of {', '.join(WARMUP_DATA)}, got {warm.data!r}")
         if not _is_int(warm.count) or warm.count < 1:
             problems.append(f"{at}.count' must be an integer >= 1, got {warm.count!r}")
-        variable = [t.name for t in inputs if -1 in tuple(t.dims or ())]
-        if variable:
+        problems += _check_warmup_dims(at, warm, inputs)
+    return problems
+
+
+def _check_warmup_dims(at: str, warm: Warmup, inputs: Sequence[TensorSpec]) -> list[str]:
+    """`Warmup.dims`: given for exactly the inputs with a -1 dim, each a full set of sizes >= 1
+    that agrees with the spec's fixed dims."""
+    given = warm.dims if isinstance(warm.dims, Mapping) else None
+    if given is None:
+        return [f"{at}.dims' must be a mapping of input name -> dims, got {type(warm.dims).__name__}"]
+    problems = []
+    by_name = {t.name: tuple(t.dims or ()) for t in inputs}
+    variable = [name for name, dims in by_name.items() if -1 in dims]
+    for name, dims in given.items():
+        spec_dims = by_name.get(name)
+        if spec_dims is None:
             problems.append(
-                f"{at}' needs fixed input dims; input(s) {', '.join(variable)} have a -1 dim"
+                f"{at}.dims' names {name!r}, which is not an input (inputs: {', '.join(by_name)})"
             )
+        elif -1 not in spec_dims:
+            problems.append(
+                f"{at}.dims[{name!r}]' is only for inputs with a -1 dim; {name!r} has fixed dims "
+                f"{spec_dims}: leave it out"
+            )
+        elif (
+            not isinstance(dims, tuple)
+            or len(dims) != len(spec_dims)
+            or any(not _is_int(d) or d < 1 for d in dims)
+            or any(s != -1 and d != s for d, s in zip(dims, spec_dims, strict=True))
+        ):
+            example = tuple(8 if s == -1 else s for s in spec_dims)
+            problems.append(
+                f"{at}.dims[{name!r}]' must be a tuple of {len(spec_dims)} sizes >= 1 that fills the "
+                f"-1 dims of {spec_dims} (e.g. {example}), got {dims!r}"
+            )
+    missing = [name for name in variable if name not in given]
+    if missing:
+        example = ", ".join(
+            f"{name!r}: {tuple(8 if s == -1 else s for s in by_name[name])}" for name in missing
+        )
+        problems.append(
+            f"{at}' needs fixed input dims; input(s) {', '.join(missing)} have a -1 dim: give "
+            f"their warmup dims in Warmup.dims (fixed input dims or Warmup.dims), e.g. "
+            f"dims={{{example}}}"
+        )
     return problems
 
 

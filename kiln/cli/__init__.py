@@ -5,6 +5,7 @@ One module per subcommand, each with its `add_<command>_command(subparsers)` and
     generate  `kiln generate`: write (or --check) every model's config.pbtxt from the spec
     build     `kiln build`: the build pipeline (`kiln.build.pipeline.build`) from the command line
     serve     `kiln serve`: the embedded tritonserver until Ctrl-C, watching its backend stubs
+    add       `kiln add`: a model folder from an ONNX file or a PyTorch factory (`kiln.byom`)
 
 `served_specs()` is the one place the CLI learns which specs kiln serves. `python -m kiln.cli`
 runs the command too.
@@ -31,7 +32,7 @@ def served_specs() -> tuple[Spec, ...]:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of `kiln` with every subcommand registered."""
-    from kiln.cli import build, generate, serve
+    from kiln.cli import add, build, generate, serve
 
     parser = argparse.ArgumentParser(
         prog="kiln", description="Build, quantize and serve PyTorch models on Triton."
@@ -40,6 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_generate_command(subparsers)
     build.add_build_command(subparsers)
     serve.add_demo_flag(serve.add_serve_command(subparsers))
+    add.add_add_command(subparsers)
     return parser
 
 
