@@ -577,17 +577,22 @@ def _check_held_out(spec: ModelSpec, held: HeldOut) -> None:
         if not arrays:
             continue
         named = {t.name: array for t, array in zip(spec.inputs, arrays, strict=True)}
-        try:
-            validate_request(
-                named, contracts, batched=spec.max_batch_size > 0, reject_non_finite=True
-            )
-        except RequestError as error:
-            raise BuildError(
-                spec.name,
-                "source",
-                f"the {which} data of {type(spec.build.source).__name__} does not fit field "
-                f"'inputs' of the spec: {error}",
-            ) from error
+        # Held-out data is items-first; a model without a batch axis takes one item a request.
+        requests = [("", named)] if spec.max_batch_size > 0 else [
+            (f"item {i}: ", {k: v[i] for k, v in named.items()}) for i in range(len(arrays[0]))
+        ]
+        for item, request in requests:
+            try:
+                validate_request(
+                    request, contracts, batched=spec.max_batch_size > 0, reject_non_finite=True
+                )
+            except RequestError as error:
+                raise BuildError(
+                    spec.name,
+                    "source",
+                    f"the {which} data of {type(spec.build.source).__name__} does not fit field "
+                    f"'inputs' of the spec: {item}{error}",
+                ) from error
 
 
 def _call(function: Callable[..., Any], *args: Any, spec: ModelSpec) -> Any:

@@ -329,11 +329,6 @@ def test_add_onnx_with_a_fixed_batch_dim_serves_it_unbatched(tmp_path: Path, mod
         assert held["x"].shape == (ITEMS, 1, FEATURES)  # each sample row is one request [1, 4]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="kiln.build.pipeline._check_held_out checks a max_batch_size-0 model's whole held-out "
-    "array as one request, while user_source.held_out and check.run_batched take it items first",
-)
 def test_a_fixed_batch_onnx_builds(tmp_path: Path, models_dir: Path) -> None:
     _fixed_batch_scaffold(tmp_path, models_dir)
     results, log = _build("byom_fixed", models_dir, tmp_path)
