@@ -471,81 +471,106 @@ def _reference(
     exporter: str | None,
 ) -> tuple[_Reference, Path]:
     """Trains and exports (or takes the source's ONNX); returns the reference and the FP32 ONNX."""
-    from kiln.build import check, publish
+    from kiln.build import publish
 
     assert spec.build is not None
-    build_spec = spec.build
-    name, source, tag = spec.name, spec.build.source, f"[{spec.name}]"
-    minimum = build_spec.min_accuracy
-    exported = publish.export_path(name, REFERENCE, artifacts)
-
-    if _is_onnx_source(stage, source):
-        with log.stage("export"):
-            log.say(f"{tag} export: {type(source).__name__} is ONNX already; no training")
-            exported = Path(_call(stage.export_onnx, source, exported, spec=spec))  # type: ignore[attr-defined]
-            held = _call(stage.held_out, source, spec=spec)
-            _check_held_out(spec, held)
-            given = _call(stage.reference_outputs, source, spec=spec) if hasattr(
-                stage, "reference_outputs") else None
-            if given is not None:
-                outputs, what = dict(given), REFERENCE_USER
-            else:
-                # Never the served session itself: the file with every optimization off.
-                runner = check.onnx_runner(exported, spec, optimized=False)
-                outputs, what = check.run_batched(runner, spec, held.inputs), REFERENCE_ONNX
-            listed = [outputs[t.name] for t in spec.outputs]
-            metric = held.score(listed, listed)
-        reference = _Reference(held, outputs, metric, what, None, None, "source onnx")
-        log.say(
-            f"{tag} export: {_show(exported)}; reference: {what}; {held.metric} "
-            f"{metric:.4f} on {held.size} held-out items  [{log.timings['export']:.2f} s]"
-        )
+    exported = publish.export_path(spec.name, REFERENCE, artifacts)
+    if _is_onnx_source(stage, spec.build.source):
+        reference, exported = _onnx_reference(spec, stage, exported, log)
         stage_name = "export"
     else:
-        from kiln.build import export
-
-        exporter = exporter or export.DEFAULT_EXPORTER
-        held = _call(stage.held_out, source, spec=spec)
-        _check_held_out(spec, held)  # before training: a spec the data does not fit fails now
-        with log.stage("train"):
-            log.say(f"{tag} train: {source}")
-            model = _call(stage.train, source, lambda line: log.say(f"{tag}   {line}"), spec=spec)
-            checkpoint = stage.save_checkpoint(model, publish.checkpoint_path(name, artifacts))
-            outputs = check.run_batched(check.torch_runner(model, spec), spec, held.inputs)
-            listed = [outputs[t.name] for t in spec.outputs]
-            metric = held.score(listed, listed)
-        reference = _Reference(held, outputs, metric, REFERENCE_TORCH, model, checkpoint, exporter)
-        log.say(
-            f"{tag} train: PyTorch {held.metric} {metric:.4f} on {held.size} held-out items"
-            + (f" (minimum {minimum:g})" if minimum is not None else "")
-            + f"; checkpoint {_show(checkpoint)}  [{log.timings['train']:.1f} s]"
-        )
+        reference = _trained_reference(spec, stage, log, artifacts, exporter)
         stage_name = "train"
-    if minimum is not None and metric < minimum:
+    minimum, held, source = spec.build.min_accuracy, reference.held, spec.build.source
+    if minimum is not None and reference.metric < minimum:
         raise AccuracyError(
-            name,
+            spec.name,
             stage_name,
-            f"{reference.name.removeprefix('FP32 ')} {held.metric} {metric:.4f} is below "
+            f"{reference.name.removeprefix('FP32 ')} {held.metric} {reference.metric:.4f} is below "
             f"build.min_accuracy {minimum:g} ({held.size} held-out items, "
             f"{type(source).__name__} {source})",
         )
     if reference.model is not None:
-        from kiln.build import export
-
-        with log.stage("export"):
-            export.export_onnx(
-                reference.model,
-                spec,
-                export.example_inputs(spec, held.inputs),
-                exported,
-                exporter=reference.exporter,
-            )
-        log.say(
-            f"{tag} export: {_show(exported)} ({reference.exporter} exporter, opset "
-            f"{build_spec.opset}, symbolic batch dim '{export.BATCH_DIM}'; checker and signature "
-            f"ok)  [{log.timings['export']:.2f} s]"
-        )
+        _export_stage(spec, reference, exported, log)
     return reference, exported
+
+
+def _onnx_reference(
+    spec: ModelSpec, stage: SourceStage, exported: Path, log: _Log
+) -> tuple[_Reference, Path]:
+    """The source stage for a source that is ONNX already: its file, and an independent FP32
+    reference (the user's outputs, else the file with every graph optimization off)."""
+    from kiln.build import check
+
+    assert spec.build is not None
+    source, tag = spec.build.source, f"[{spec.name}]"
+    with log.stage("export"):
+        log.say(f"{tag} export: {type(source).__name__} is ONNX already; no training")
+        exported = Path(_call(stage.export_onnx, source, exported, spec=spec))  # type: ignore[attr-defined]
+        held = _call(stage.held_out, source, spec=spec)
+        _check_held_out(spec, held)
+        hook = getattr(stage, "reference_outputs", None)
+        given = _call(hook, source, spec=spec) if hook is not None else None
+        if given is not None:
+            outputs, what = dict(given), REFERENCE_USER
+        else:
+            # Never the served session itself: the file with every optimization off.
+            runner = check.onnx_runner(exported, spec, optimized=False)
+            outputs, what = check.run_batched(runner, spec, held.inputs), REFERENCE_ONNX
+        listed = [outputs[t.name] for t in spec.outputs]
+        metric = held.score(listed, listed)
+    log.say(
+        f"{tag} export: {_show(exported)}; reference: {what}; {held.metric} "
+        f"{metric:.4f} on {held.size} held-out items  [{log.timings['export']:.2f} s]"
+    )
+    return _Reference(held, outputs, metric, what, None, None, "source onnx"), exported
+
+
+def _trained_reference(
+    spec: ModelSpec, stage: SourceStage, log: _Log, artifacts: Path, exporter: str | None
+) -> _Reference:
+    """The source stage for a PyTorch source: train (or load), save the checkpoint, and the
+    trained module's outputs on the held-out inputs as the reference."""
+    from kiln.build import check, export, publish
+
+    assert spec.build is not None
+    source, tag, minimum = spec.build.source, f"[{spec.name}]", spec.build.min_accuracy
+    held = _call(stage.held_out, source, spec=spec)
+    _check_held_out(spec, held)  # before training: a spec the data does not fit fails now
+    with log.stage("train"):
+        log.say(f"{tag} train: {source}")
+        model = _call(stage.train, source, lambda line: log.say(f"{tag}   {line}"), spec=spec)
+        checkpoint = stage.save_checkpoint(model, publish.checkpoint_path(spec.name, artifacts))
+        outputs = check.run_batched(check.torch_runner(model, spec), spec, held.inputs)
+        listed = [outputs[t.name] for t in spec.outputs]
+        metric = held.score(listed, listed)
+    log.say(
+        f"{tag} train: PyTorch {held.metric} {metric:.4f} on {held.size} held-out items"
+        + (f" (minimum {minimum:g})" if minimum is not None else "")
+        + f"; checkpoint {_show(checkpoint)}  [{log.timings['train']:.1f} s]"
+    )
+    chosen = exporter or export.DEFAULT_EXPORTER
+    return _Reference(held, outputs, metric, REFERENCE_TORCH, model, checkpoint, chosen)
+
+
+def _export_stage(spec: ModelSpec, reference: _Reference, exported: Path, log: _Log) -> None:
+    """Exports the trained module to the FP32 ONNX (checker and signature verified)."""
+    from kiln.build import export
+
+    assert spec.build is not None
+    with log.stage("export"):
+        export.export_onnx(
+            reference.model,
+            spec,
+            export.example_inputs(spec, reference.held.inputs),
+            exported,
+            exporter=reference.exporter,
+        )
+    log.say(
+        f"[{spec.name}] export: {_show(exported)} ({reference.exporter} exporter, opset "
+        f"{spec.build.opset}, symbolic batch dim '{export.BATCH_DIM}'; checker and signature "
+        f"ok)  [{log.timings['export']:.2f} s]"
+    )
 
 
 def _takes_spec(function: Callable[..., Any]) -> bool:
@@ -645,35 +670,16 @@ def _build_variant(
     """Produces one further variant from the FP32 ONNX, evaluates it and gates it: every output on
     its own (`kiln.build.gates`: alive, and its metric where declared or the model is scored
     against FP32), then the model's metric on the variant's budget."""
-    from kiln.build import check, gates, publish, quantize
+    from kiln.build import check, gates, publish
 
     assert spec.build is not None
     name, precision, tag = spec.name, variant.precision, f"[{spec.name}]"
     held = reference.held
     artifact = publish.export_path(name, precision, artifacts)
     details: dict[str, Any] = {}
-    progress = lambda line: log.say(f"{tag}   {line}")  # noqa: E731
     with log.stage(precision):
         start = time.perf_counter()
-        if precision == "fp16":
-            quantize.to_fp16(fp32, artifact, spec, held.inputs, progress)
-            what = "FP16 weights and activations, FP32 inputs/outputs"
-        elif precision == "int8":
-            settings = _int8_settings(spec, stage, spec.build.source)
-            items = int(held.calibration[0].shape[0]) if held.calibration else 0
-            log.say(
-                f"{tag} int8: calibrating on {items} held-out calibration items "
-                f"({settings.method}, batch {quantize.calibration_batch_size(spec, settings)})"
-            )
-            quantize.to_int8(fp32, artifact, spec, held.calibration, progress, settings)
-            details["int8"] = {**settings.record(), "calibration_items": items}
-            what = (
-                f"INT8 QDQ, {settings.activation_type} activations, {settings.weight_type} "
-                f"{'per-channel ' if settings.per_channel else ''}weights, {settings.method} "
-                "calibration"
-            )
-        else:
-            raise BuildError(name, precision, f"no producer for precision {precision!r}")
+        what = _produce_variant(spec, precision, stage, held, fp32, artifact, details, log)
         produced = time.perf_counter()
         served = replace(spec, name=served_name(name, precision))
         run = check.artifact_runner(artifact, served)
@@ -713,6 +719,43 @@ def _build_variant(
     )
     return _Built(
         variant, index, artifact, metric, drop, latency, comparison.max_abs, timings, details
+    )
+
+
+def _produce_variant(
+    spec: ModelSpec,
+    precision: str,
+    stage: SourceStage,
+    held: HeldOut,
+    fp32: Path,
+    artifact: Path,
+    details: dict[str, Any],
+    log: _Log,
+) -> str:
+    """Writes `precision`'s artifact from the FP32 ONNX (INT8 with the model's settings, recorded
+    into `details`); returns what it is, for the log."""
+    from kiln.build import quantize
+
+    assert spec.build is not None
+    tag = f"[{spec.name}]"
+    progress = lambda line: log.say(f"{tag}   {line}")  # noqa: E731
+    if precision == "fp16":
+        quantize.to_fp16(fp32, artifact, spec, held.inputs, progress)
+        return "FP16 weights and activations, FP32 inputs/outputs"
+    if precision != "int8":
+        raise BuildError(spec.name, precision, f"no producer for precision {precision!r}")
+    settings = _int8_settings(spec, stage, spec.build.source)
+    items = int(held.calibration[0].shape[0]) if held.calibration else 0
+    log.say(
+        f"{tag} int8: calibrating on {items} held-out calibration items "
+        f"({settings.method}, batch {quantize.calibration_batch_size(spec, settings)})"
+    )
+    quantize.to_int8(fp32, artifact, spec, held.calibration, progress, settings)
+    details["int8"] = {**settings.record(), "calibration_items": items}
+    return (
+        f"INT8 QDQ, {settings.activation_type} activations, {settings.weight_type} "
+        f"{'per-channel ' if settings.per_channel else ''}weights, {settings.method} "
+        "calibration"
     )
 
 
@@ -1170,17 +1213,7 @@ def build(
     artifacts = Path(artifacts if artifacts is not None else paths.artifacts_dir())
     repository = Path(repository if repository is not None else paths.model_repository())
     log = _Log(out if out is not None else sys.stdout)
-    buildable = [s for s in selected if s.build is not None]
-    hand_made = [s.name for s in selected if s.build is None]
-    if hand_made:
-        log.say(f"kiln build: no build section (configs only): {', '.join(hand_made)}")
-    missing = [s.name for s in buildable if not _has_stage(s.build.source)]
-    if missing:
-        raise BuildError(
-            ", ".join(missing), "select",
-            "no source stage for this source type: a model folder's own source class is built by "
-            "the folder's build.py (or the module its `stage` class attribute names)",
-        )
+    buildable = _buildable(selected, log)
     log.say(
         f"kiln build: {len(buildable)} model(s): {', '.join(s.name for s in buildable) or 'none'}"
         f"  (artifacts {_show(artifacts)}, repository {_show(repository)})"
@@ -1204,6 +1237,28 @@ def build(
             f"kiln build: {len(written)} config(s) in {_show(repository)} match the spec "
             "(written where they differed; the same files as kiln generate)"
         )
+    _report(results, log, time.perf_counter() - start)
+    return results
+
+
+def _buildable(selected: Sequence[ModelSpec], log: _Log) -> list[ModelSpec]:
+    """The selected specs with a build section, each with a source stage to build it."""
+    buildable = [s for s in selected if s.build is not None]
+    hand_made = [s.name for s in selected if s.build is None]
+    if hand_made:
+        log.say(f"kiln build: no build section (configs only): {', '.join(hand_made)}")
+    missing = [s.name for s in buildable if not _has_stage(s.build.source)]
+    if missing:
+        raise BuildError(
+            ", ".join(missing), "select",
+            "no source stage for this source type: a model folder's own source class is built by "
+            "the folder's build.py (or the module its `stage` class attribute names)",
+        )
+    return buildable
+
+
+def _report(results: Sequence[BuildResult], log: _Log, seconds: float) -> None:
+    """The build's closing report: the table of variants, where each went, the counts."""
     if results:
         log.say("")
         for line in _table(results):
@@ -1217,9 +1272,8 @@ def build(
     built = [m for m in models if any(r.model == m and r.status == BUILT for r in results)]
     log.say(
         f"kiln build: {len(built)} built, {len(models) - len(built)} up to date "
-        f"({len(results)} variant(s)) in {time.perf_counter() - start:.1f} s"
+        f"({len(results)} variant(s)) in {seconds:.1f} s"
     )
-    return results
 
 
 def add_build_command(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
