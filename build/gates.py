@@ -30,7 +30,7 @@ metric (digits' test accuracy), declared `OutputCheck`s add their gates, and liv
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -237,9 +237,23 @@ METRIC_NAMES = {
 }
 
 
+def user_metric(where: str) -> Callable[[np.ndarray, np.ndarray], float]:
+    """The function a spec's `OutputCheck.metric` names ("package.module:function")."""
+    import importlib
+
+    module, _, name = where.partition(":")
+    try:
+        function = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as error:
+        raise LookupError(f"its metric {where!r} cannot be loaded: {error}") from error
+    return function
+
+
 def score(output: ResolvedOutput, candidate: np.ndarray, reference: np.ndarray) -> float:
     """The output's metric (1.0 for FP32's own outputs)."""
     check = output.check
+    if check.metric is not None:
+        return float(user_metric(check.metric)(candidate, reference))
     if check.kind in ("class_scores", "probabilities"):
         return top1_agreement(candidate, reference)
     if check.kind == "embedding":
@@ -253,6 +267,8 @@ def score(output: ResolvedOutput, candidate: np.ndarray, reference: np.ndarray) 
 def metric_name(output: ResolvedOutput) -> str:
     """The output's metric, as messages name it."""
     check = output.check
+    if check.metric is not None:
+        return f"{check.metric} (the user's metric)"
     if check.kind == "detections":
         return f"{METRIC_NAMES['detections']} (score > {check.score_threshold:g}, IoU >= {check.iou:g})"
     return METRIC_NAMES[check.kind]
@@ -320,7 +336,10 @@ def check_variant(
         problem = liveness(output, candidate[name], reference[name])
         if problem is not None:
             raise OutputGateError(spec.name, variant, name, problem)
-        value = score(output, candidate[name], reference[name])
+        try:
+            value = score(output, candidate[name], reference[name])
+        except LookupError as error:
+            raise OutputGateError(spec.name, variant, name, str(error)) from error
         budget = output.check.max_drop if output.check.max_drop is not None else default_budget
         if output.declared or gated:
             if not 1.0 - value <= budget + 1e-9:

@@ -134,6 +134,8 @@ VARIANTS = PRECISIONS
 REFERENCE = "fp32"
 """The variant every other is measured against: the first of `build.variants`."""
 BUILT = "built"
+REFUSED = "refused"
+"""The status of an optional variant its gates refused (not published)."""
 UP_TO_DATE = "up to date"
 BUILD_EXTRA_MODULES = ("torch", "onnx", "onnxruntime", "sklearn")
 """Modules of the `build` extra; without them `kiln build` says what to install."""
@@ -225,7 +227,8 @@ class BuildResult:
     Attributes:
         model: Model name.
         variant: The precision: "fp32", "fp16" or "int8".
-        status: "built" or "up to date".
+        status: "built", "up to date", or "refused" (an optional variant its gates refused: not
+            published; `reason` says why).
         metric: The metric's name, e.g. "test accuracy".
         metric_onnx: This variant's metric under ONNX Runtime (through kiln_onnx's loader).
         metric_torch: The FP32 reference's metric (the PyTorch model's; for a source that is
@@ -353,7 +356,14 @@ def _results_from_manifest(
     repository: Path,
     manifest_file: Path,
 ) -> list[BuildResult]:
-    """One up-to-date result per variant the manifest records, in spec order."""
+    """One up-to-date result per variant the manifest records, in spec order, and one per
+    optional variant the last build refused."""
+    first = next(iter(manifest["variants"].values()), {})
+    metric_name = next(iter(first.get("metrics", {"": None})))
+    refused = _refused_results(
+        spec, manifest.get("refused") or {}, manifest_file, metric_name,
+        status=f"{REFUSED} (last build)",
+    )
     results = []
     for precision, entry in manifest["variants"].items():
         metric, values = next(iter(entry["metrics"].items()))
@@ -376,7 +386,7 @@ def _results_from_manifest(
                 served_as=entry.get("served_as"),
             )
         )
-    return results
+    return results + refused
 
 
 @dataclass
@@ -841,13 +851,13 @@ def _build_model(
     reference, exported = _reference(spec, stage, log=log, artifacts=artifacts, exporter=exporter)
     built = [_check_stage(spec, reference, exported, log, artifacts)]
     extra, derived = _source_files(stage, spec, reference, artifacts, log)
+    refused: dict[str, str] = {}
     for index, variant in enumerate(spec.build.variants[1:], start=1):
-        built.append(
-            _build_variant(
-                spec, variant, index, stage=stage, reference=reference, fp32=exported, log=log,
-                artifacts=artifacts,
-            )
+        item = _gated_variant(
+            spec, variant, index, stage, reference, exported, log, artifacts, refused
         )
+        if item is not None:
+            built.append(item)
     with log.stage("tensorrt"):
         engines = _tensorrt_stage(
             spec, {b.precision: b.artifact for b in built},
@@ -856,10 +866,11 @@ def _build_model(
     if not engines:
         del log.timings["tensorrt"]
     published = _publish_stage(
-        spec, built, reference, _Outputs(extra, derived, engines), inputs, state.manifest, log,
-        artifacts=artifacts, repository=repository,
+        spec, built, reference, _Outputs(extra, derived, engines, refused), inputs,
+        state.manifest, log, artifacts=artifacts, repository=repository,
     )
-    return _built_results(spec, built, reference, published, reason, dict(log.timings))
+    results = _built_results(spec, built, reference, published, reason, dict(log.timings))
+    return results + _refused_results(spec, refused, published.manifest, reference.held.metric)
 
 
 def _up_to_date(
@@ -948,11 +959,13 @@ def _check_stage(
 
 @dataclass(frozen=True)
 class _Outputs:
-    """What a build publishes besides the variants: extra files, derived values, engines."""
+    """What a build publishes besides the variants: extra files, derived values, engines, and
+    the optional variants its gates refused (precision -> why)."""
 
     extra: Mapping[str, Path]
     derived: Mapping[str, Any]
     engines: Sequence[Any]
+    refused: Mapping[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -1004,6 +1017,8 @@ def _publish_stage(
         document["derived"] = dict(outputs.derived)
     if outputs.engines:
         document["tensorrt"] = [publish.plain_data(record) for record in outputs.engines]
+    if outputs.refused:
+        document["refused"] = dict(outputs.refused)
     served_names = [e["served_as"] for e in entries.values() if e["served_as"]]
     manifest_file = publish.write_manifest(
         name, document, artifacts=artifacts, repository=repository, served=served_names
@@ -1018,6 +1033,55 @@ def _publish_stage(
     for path in removed:
         log.say(f"[{name}] publish: removed {_show(path)} (no longer a served variant of the spec)")
     return _Published(entries, published_paths, manifest_file)
+
+
+def _gated_variant(
+    spec: ModelSpec,
+    variant: Variant,
+    index: int,
+    stage: SourceStage,
+    reference: _Reference,
+    fp32: Path,
+    log: _Log,
+    artifacts: Path,
+    refused: dict[str, str],
+) -> _Built | None:
+    """`_build_variant`, except that an optional variant its gates refuse is recorded in
+    `refused` (and None returned) instead of failing the build."""
+    from kiln.build.gates import OutputGateError
+
+    try:
+        return _build_variant(
+            spec, variant, index, stage=stage, reference=reference, fp32=fp32, log=log,
+            artifacts=artifacts,
+        )
+    except (BudgetError, OutputGateError) as error:
+        if not variant.optional:
+            raise
+        refused[variant.precision] = str(error)
+        log.say(
+            f"[{spec.name}] {variant.precision}: REFUSED and not published (an optional variant; "
+            f"the others are): {error}"
+        )
+        return None
+
+
+def _refused_results(
+    spec: ModelSpec, refused: Mapping[str, str], manifest: Path, metric: str, status: str = REFUSED
+) -> list[BuildResult]:
+    """One row per refused optional variant, so the table and the caller see it."""
+    nan = float("nan")
+    return [
+        BuildResult(
+            model=spec.name, variant=precision, status=status, metric=metric, metric_onnx=nan,
+            metric_torch=nan, size_bytes=0, latency_ms=nan, artifact=manifest, manifest=manifest,
+            reason=why, metric_drop=nan,
+            max_metric_drop=next(v.max_metric_drop for v in spec.build.variants if v.precision == precision)
+            if spec.build is not None and any(v.precision == precision for v in spec.build.variants)
+            else nan,
+        )
+        for precision, why in refused.items()
+    ]
 
 
 def _built_results(
@@ -1159,10 +1223,11 @@ def _table(results: Sequence[BuildResult]) -> list[str]:
         (
             r.model,
             r.variant,
-            f"{r.metric} {r.metric_onnx:.4f}",
-            _drop_text(r.metric_drop) + (f" ({r.max_metric_drop:g})" if r.variant != REFERENCE else ""),
-            _size(r.size_bytes),
-            f"{r.latency_ms:.3f} ms",
+            f"{r.metric} {r.metric_onnx:.4f}" if r.metric_onnx == r.metric_onnx else "-",
+            (_drop_text(r.metric_drop) if r.metric_drop == r.metric_drop else "-")
+            + (f" ({r.max_metric_drop:g})" if r.variant != REFERENCE else ""),
+            _size(r.size_bytes) if r.size_bytes else "-",
+            f"{r.latency_ms:.3f} ms" if r.latency_ms == r.latency_ms else "-",
             r.served_as or NOT_SERVED,
             r.status,
         )
@@ -1265,7 +1330,10 @@ def _report(results: Sequence[BuildResult], log: _Log, seconds: float) -> None:
             log.say(line)
         log.say("")
         for r in results:
-            log.say(f"{r.model} ({r.variant}): artifact {_show(r.artifact)}")
+            if r.status.startswith(REFUSED):
+                log.say(f"{r.model} ({r.variant}): {r.status}, not published: {r.reason}")
+            else:
+                log.say(f"{r.model} ({r.variant}): artifact {_show(r.artifact)}")
         for manifest in dict.fromkeys((r.model, r.manifest) for r in results):
             log.say(f"{manifest[0]}: manifest {_show(manifest[1])}")
     models = list(dict.fromkeys(r.model for r in results))

@@ -212,6 +212,10 @@ class OutputCheck:
             channels); None: the kind's rule (see `kiln.build.gates`).
         score_threshold: detections: a candidate counts when its best class score is above this.
         iou: detections: a variant's box matches FP32's at this IoU or more (same class).
+        metric: The user's own metric instead of the kind's: "package.module:function", called
+            as function(candidate, reference) with the variant's and FP32's outputs (batch-first
+            numpy arrays), returning a number where FP32 itself scores 1.0 (higher is better).
+            The liveness check holds whatever the metric.
     """
 
     name: str
@@ -220,6 +224,7 @@ class OutputCheck:
     column_axis: int | None = None
     score_threshold: float = 0.25
     iou: float = 0.5
+    metric: str | None = None
 
 
 def source_range(low: float, high: float, *, integer: bool = True) -> dict[str, Any]:
@@ -291,11 +296,16 @@ class Variant:
             accuracy).
         serve: Publish it into the model repository, as model `<name>` for fp32 and
             `<name>_<precision>` otherwise (see `served_name`).
+        optional: A variant its gates refuse is reported (the build log, the table, the
+            manifest's `refused`) and not published, while the model's other variants are; a
+            refused variant that is not optional fails the build. The fp32 variant is never
+            optional.
     """
 
     precision: str
     max_metric_drop: float = 0.0
     serve: bool = True
+    optional: bool = False
 
 
 def served_name(model: str, precision: str) -> str:
@@ -784,6 +794,10 @@ def _check_output_checks(
             isinstance(check.max_drop, (int, float)) and 0 <= check.max_drop <= 1
         ):
             problems.append(f"{at}.max_drop' must be a number in 0..1 or None, got {check.max_drop!r}")
+        if check.metric is not None and not re.match(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$", str(check.metric)):
+            problems.append(
+                f"{at}.metric' must look like 'package.module:function', got {check.metric!r}"
+            )
         rank = len(dims[check.name])
         axis = check.column_axis
         if axis is not None and not (_is_int(axis) and 0 <= axis < rank):
@@ -820,6 +834,8 @@ def _check_variants(where: str, variants: Sequence[Variant]) -> list[str]:
         drop = variant.max_metric_drop
         if not isinstance(drop, (int, float)) or not 0 <= drop <= 1:
             problems.append(f"{at}.max_metric_drop' must be a number in 0..1, got {drop!r}")
+        if variant.optional and variant.precision == "fp32":
+            problems.append(f"{at}.optional' cannot be true for fp32, the reference every variant needs")
     return problems
 
 

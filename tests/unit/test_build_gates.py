@@ -238,3 +238,78 @@ def test_the_build_refuses_a_variant_with_a_dead_column_and_publishes_nothing(
     assert isinstance(error.value, OutputGateError)
     assert "model 'mine', stage 'gate': variant int8: output 'logits': dead: 1 of 10 columns (per-item axis 0: 3)" in str(error.value)
     assert not (repository / "mine").exists() and not (repository / "mine_int8").exists()
+
+
+def test_an_optional_variant_its_gates_refuse_is_reported_and_the_others_are_published(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import io
+    import json
+
+    fast = replace(DIGITS, build=replace(
+        DIGITS.build, source=replace(DIGITS.build.source, epochs=3), min_accuracy=None,
+        variants=(Variant("fp32"), Variant("fp16", max_metric_drop=0.5),
+                  Variant("int8", max_metric_drop=0.5, optional=True)),
+    ))
+    real_to_int8 = quantize.to_int8
+
+    def broken_int8(fp32: Path, dest: Path, *args: object, **kwargs: object) -> Path:
+        real_to_int8(fp32, dest, *args, **kwargs)
+        _with_dead_column(Path(dest), Path(dest), tensors.DIGITS_LOGITS, 3, 10)
+        return Path(dest)
+
+    monkeypatch.setattr(quantize, "to_int8", broken_int8)
+    artifacts, repository = tmp_path / "artifacts", tmp_path / "repo"
+
+    def build() -> tuple[list, str]:
+        out = io.StringIO()
+        results = pipeline.build([fast], artifacts=artifacts, repository=repository, out=out,
+                                 backends=paths.available_backends())
+        return results, out.getvalue()
+
+    results, log = build()
+    assert [(r.variant, r.status) for r in results] == [("fp32", "built"), ("fp16", "built"), ("int8", "refused")]
+    assert "[digits] int8: REFUSED and not published (an optional variant; the others are): " in log
+    assert "output 'logits': dead: 1 of 10 columns" in results[2].reason
+    assert (repository / "digits" / "1" / "model.onnx").is_file()
+    assert (repository / "digits_fp16" / "1" / "model.onnx").is_file()
+    assert not (repository / "digits_int8" / "1" / "model.onnx").exists()
+    manifest = json.loads((artifacts / "digits" / "manifest.json").read_text())
+    assert list(manifest["variants"]) == ["fp32", "fp16"] and "dead" in manifest["refused"]["int8"]
+    # Up to date next time, and the refusal is still reported.
+    results, log = build()
+    assert [(r.variant, r.status) for r in results][-1] == ("int8", "refused (last build)")
+    assert "digits (int8): refused (last build), not published: " in log
+
+
+def test_fp32_cannot_be_optional() -> None:
+    spec = replace(DIGITS, build=replace(DIGITS.build, variants=(Variant("fp32", optional=True),)))
+    with pytest.raises(SpecError, match=r"'build.variants\[0\].optional' cannot be true for fp32"):
+        validate([spec], paths.available_backends())
+
+
+def median_relative_error_score(candidate: np.ndarray, reference: np.ndarray) -> float:
+    """A user's metric for the test below: 1 - the median relative error."""
+    return float(1.0 - np.median(np.abs(candidate - reference) / (np.abs(reference) + 1e-6)))
+
+
+def test_a_user_metric_replaces_the_kind_s_and_liveness_still_holds() -> None:
+    spec = _spec(
+        (TensorSpec("pose", "FP32", (4,)),),
+        (OutputCheck("pose", "regression", max_drop=0.05, metric=f"{__name__}:median_relative_error_score"),),
+    )
+    fp32 = RNG.uniform(1, 10, size=(30, 4)).astype(np.float32)
+    close = fp32 * 1.01
+    scores = gates.check_variant(spec, "int8", {"pose": close}, {"pose": fp32}, default_budget=0.0, gated=False)
+    assert scores[0].value == pytest.approx(0.99, abs=1e-3)
+    assert gates.metric_name(scores[0].output) == f"{__name__}:median_relative_error_score (the user's metric)"
+    far = fp32 * 1.2
+    with pytest.raises(OutputGateError, match=r"median_relative_error_score \(the user's metric\) 0\.8000, 0\.2000 below"):
+        gates.check_variant(spec, "int8", {"pose": far}, {"pose": fp32}, default_budget=0.0, gated=False)
+    dead = fp32.copy()
+    dead[:, 1] = 5.0
+    with pytest.raises(OutputGateError, match="dead: 1 of 4 columns"):
+        gates.check_variant(spec, "int8", {"pose": dead}, {"pose": fp32}, default_budget=0.0, gated=False)
+    missing = _spec((TensorSpec("pose", "FP32", (4,)),), (OutputCheck("pose", "regression", metric="no_such_mod:f"),))
+    with pytest.raises(OutputGateError, match=r"output 'pose': its metric 'no_such_mod:f' cannot be loaded"):
+        gates.check_variant(missing, "int8", {"pose": fp32}, {"pose": fp32}, default_budget=0.0, gated=False)
