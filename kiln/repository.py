@@ -16,7 +16,7 @@ from typing import Any
 from google.protobuf import json_format, text_format
 from tritonclient.grpc import model_config_pb2
 
-from kiln.spec import EnsembleSpec, Spec, VersionPolicy, served_specs, validate
+from kiln.spec import FUSED_BACKEND, EnsembleSpec, Spec, VersionPolicy, served_specs, validate
 
 TARGETS = ("embedded", "ngc")
 CONFIG_NAME = "config.pbtxt"
@@ -72,6 +72,36 @@ def _ensemble_dict(spec: EnsembleSpec) -> dict[str, Any]:
     }
 
 
+def _fused_dict(spec: EnsembleSpec) -> dict[str, Any]:
+    """The fused form of a pipeline: one `kiln_fused` model under the pipeline's name, with its
+    inputs, outputs and max batch size, one dynamic batcher (`spec.fused`), and the steps'
+    wiring as the parameter `steps` (`kiln.serving.fused.steps_parameter`); the fused model
+    loads each step from that step's own folder in the repository."""
+    from kiln.serving.fused import steps_parameter
+
+    batching = spec.fused.dynamic_batching
+    return {
+        "name": spec.name,
+        "backend": FUSED_BACKEND,
+        "max_batch_size": spec.max_batch_size,
+        "input": [_tensor(t) for t in spec.inputs],
+        "output": [_tensor(t) for t in spec.outputs],
+        "instance_group": [
+            {"kind": f"KIND_{g.kind}", "count": g.count, **({"gpus": list(g.gpus)} if g.gpus else {})}
+            for g in spec.fused.instance_groups
+        ],
+        "dynamic_batching": {
+            "preferred_batch_size": list(batching.preferred_batch_sizes),
+            "max_queue_delay_microseconds": batching.max_queue_delay_us,
+            "preserve_ordering": batching.preserve_ordering,
+        },
+        "parameters": {
+            "steps": {"string_value": steps_parameter(spec.steps)},
+            **({} if spec.fused.step_metrics else {"step_metrics": {"string_value": "false"}}),
+        },
+    }
+
+
 def _version_policy(policy: VersionPolicy) -> dict[str, Any]:
     """config.pbtxt's `version_policy` (Triton's ModelVersionPolicy oneof) of a spec's policy."""
     if policy.kind == "all":
@@ -86,7 +116,7 @@ def config_dict(spec: Spec, target: str = "embedded") -> dict[str, Any]:
     if target not in TARGETS:
         raise ValueError(f"target must be one of {', '.join(TARGETS)}, got {target!r}")
     if isinstance(spec, EnsembleSpec):
-        return _ensemble_dict(spec)
+        return _fused_dict(spec) if spec.form == "fused" else _ensemble_dict(spec)
     config: dict[str, Any] = {
         "name": spec.name,
         "max_batch_size": spec.max_batch_size,

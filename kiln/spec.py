@@ -393,11 +393,40 @@ class EnsembleStep:
     outputs: Mapping[str, str]
 
 
+PIPELINE_FORMS = ("ensemble", "fused")
+"""How a pipeline (`EnsembleSpec`) is served: a Triton ensemble of its step models, or one fused
+Python-based model (backend `kiln_fused`) running the steps' code in order in one process."""
+FUSED_BACKEND = "kiln_fused"
+"""The backend serving a pipeline of form "fused" (`kiln.serving.fused`)."""
+
+
+@dataclass(frozen=True)
+class Fused:
+    """How the fused form of a pipeline is served (`EnsembleSpec.form == "fused"`): one model
+    under the pipeline's name, whose one dynamic batcher and instances replace the steps' own
+    (the step models are still generated and served on their own; the fused model loads each
+    step from the step's folder, see `kiln.serving.fused`).
+
+    Attributes:
+        dynamic_batching: The fused model's dynamic batcher.
+        instance_groups: The fused model's instances.
+        step_metrics: Also count each step inside the fused model (the kiln_step_* metrics of
+            the step's model, with the label `pipeline`); False counts only the fused model.
+    """
+
+    dynamic_batching: DynamicBatching = DynamicBatching()
+    instance_groups: tuple[InstanceGroup, ...] = (InstanceGroup(),)
+    step_metrics: bool = True
+
+
 @dataclass(frozen=True)
 class EnsembleSpec:
-    """A Triton ensemble (`platform: "ensemble"`): requests flow through `steps` in the server.
+    """A pipeline: requests flow through `steps`, served in one of two forms (`form`).
 
-    Every step keeps its own dynamic batcher and instances; the ensemble only routes tensors.
+    "ensemble" (the default): a Triton ensemble (`platform: "ensemble"`); every step keeps its
+    own dynamic batcher and instances, the ensemble only routes tensors. "fused": one model of
+    backend `kiln_fused` under the same name, with the same inputs and outputs, that runs the
+    steps' own code in order inside one backend process under one dynamic batcher (`fused`).
 
     Attributes:
         name: Model name in the repository.
@@ -406,6 +435,8 @@ class EnsembleSpec:
         steps: The models the request flows through, in data-flow order.
         max_batch_size: Largest batch a client may send; at most every step's max_batch_size.
         description: One line for the docs.
+        form: "ensemble" or "fused" (PIPELINE_FORMS).
+        fused: The fused form's batcher and instances (used only with form "fused").
     """
 
     name: str
@@ -414,6 +445,8 @@ class EnsembleSpec:
     steps: tuple[EnsembleStep, ...]
     max_batch_size: int = 0
     description: str = ""
+    form: str = "ensemble"
+    fused: Fused = Fused()
 
     @property
     def build(self) -> None:
@@ -848,6 +881,7 @@ BACKEND_PARAMS: Mapping[str, str] = MappingProxyType({
     "kiln_detect": "kiln.serving.detect:DETECT_PARAMS",
     "kiln_pool": "kiln.serving.pool:POOL_PARAMS",
     "kiln_threshold": "kiln.serving.threshold:THRESHOLD_PARAMS",
+    "kiln_fused": "kiln.serving.fused:FUSED_PARAMS",
 })
 """Each kiln backend -> "module:NAME" of its declared `parameters` schema (a tuple of Param)."""
 
@@ -875,7 +909,11 @@ _Available: TypeAlias = dict[str, tuple[str, tuple[int, ...], str]]
 """Ensemble tensor name -> (dtype, dims, who made it)."""
 
 
-def _check_ensemble(spec: EnsembleSpec, served: Mapping[str, ModelSpec | EnsembleSpec]) -> list[str]:
+def _check_ensemble(
+    spec: EnsembleSpec,
+    served: Mapping[str, ModelSpec | EnsembleSpec],
+    backends: tuple[str, ...] | None = None,
+) -> list[str]:
     """The ensemble's own fields, then its wiring: every step model exists, every map names a real
     tensor, every tensor consumed is produced first with the same dtype and compatible dims."""
     where = f"ensemble {spec.name!r}"
@@ -910,6 +948,61 @@ def _check_ensemble(spec: EnsembleSpec, served: Mapping[str, ModelSpec | Ensembl
     unused = [t.name for t in spec.inputs if t.name not in consumed]
     if unused:
         problems.append(f"{where}: input(s) {unused} feed no step")
+    problems += _check_form(where, spec, served, backends)
+    return problems
+
+
+def _check_form(
+    where: str,
+    spec: EnsembleSpec,
+    served: Mapping[str, ModelSpec | EnsembleSpec],
+    backends: tuple[str, ...] | None,
+) -> list[str]:
+    """The pipeline's form; for "fused": a batch dim, the fused model's batcher and instances,
+    the kiln_fused backend, and steps that are kiln backends the fused model can load."""
+    if spec.form not in PIPELINE_FORMS:
+        return [f"{where}: field 'form' must be one of {', '.join(PIPELINE_FORMS)}, got {spec.form!r}"]
+    if spec.form != "fused":
+        return []
+    problems = []
+    fused = spec.fused
+    if not isinstance(fused, Fused):
+        return [f"{where}: field 'fused' must be a Fused, got {type(fused).__name__}"]
+    if not _is_int(spec.max_batch_size) or spec.max_batch_size < 1:
+        problems.append(
+            f"{where}: field 'max_batch_size' must be >= 1 for form 'fused' (its one dynamic "
+            f"batcher batches requests), got {spec.max_batch_size!r}"
+        )
+    else:
+        problems += [
+            p.replace("field 'dynamic_batching", "field 'fused.dynamic_batching")
+            for p in _check_dynamic_batching(where, fused.dynamic_batching, spec.max_batch_size)
+        ]
+    problems += [
+        p.replace("field 'instance_groups", "field 'fused.instance_groups")
+        for p in _check_instance_groups(where, fused.instance_groups)
+    ]
+    if not isinstance(fused.step_metrics, bool):
+        problems.append(
+            f"{where}: field 'fused.step_metrics' must be true or false, got {fused.step_metrics!r}"
+        )
+    if backends is not None and FUSED_BACKEND not in backends:
+        problems.append(
+            f"{where}: field 'form' 'fused' needs the backend {FUSED_BACKEND!r}, which is not among "
+            f"the backends ({', '.join(backends) or 'none found'})"
+        )
+    fusable = sorted(b for b in BACKEND_PARAMS if b != FUSED_BACKEND)
+    for i, step in enumerate(spec.steps):
+        model = served.get(step.model)
+        if model is None:
+            continue  # reported by the wiring checks
+        backend = getattr(model, "backend", None)
+        if isinstance(model, EnsembleSpec) or backend not in fusable:
+            kind = "a pipeline" if isinstance(model, EnsembleSpec) else f"backend {backend!r}"
+            problems.append(
+                f"{where}: field 'steps[{i}].model' {step.model!r} is {kind}; form 'fused' runs "
+                f"only steps of the kiln backends {', '.join(fusable)}"
+            )
     return problems
 
 
@@ -1038,6 +1131,6 @@ def validate(
             )
     for spec in specs:
         if isinstance(spec, EnsembleSpec):
-            problems += _check_ensemble(spec, served)
+            problems += _check_ensemble(spec, served, backends)
     if problems:
         raise SpecError(problems)
