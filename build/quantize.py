@@ -164,11 +164,18 @@ class CalibrationReader:
     "calibration batch k/N (n items)" to `progress`. A model without a batch dim (max_batch_size 0)
     gets one item per feed, without a batch dim.
 
+    With `even_batches`, a short last batch is filled up with the first items, so that every feed
+    has the same size: ONNX Runtime's histogram calibrators (percentile, entropy) stack each
+    tensor's per-batch values with `np.asarray`, which fails on a ragged last batch ("inhomogeneous
+    shape"). Min and max do not change by seeing an item twice; a histogram counts those items
+    twice. The progress line says how many were repeated.
+
     Args:
         spec: Names the inputs (in order) and says whether there is a batch dim.
         inputs: Calibration arrays, batch-first, one per spec input.
         batch_size: Items per feed (1 for an unbatched model).
         progress: Receives the progress lines.
+        even_batches: Fill a short last batch up with the first items.
     """
 
     def __init__(
@@ -177,6 +184,7 @@ class CalibrationReader:
         inputs: Sequence[np.ndarray],
         batch_size: int,
         progress: Progress | None = None,
+        even_batches: bool = False,
     ) -> None:
         self.names = [t.name for t in spec.inputs]
         self.inputs = [np.ascontiguousarray(x) for x in inputs]
@@ -185,6 +193,7 @@ class CalibrationReader:
         self.items = int(self.inputs[0].shape[0]) if self.inputs else 0
         self.batches = math.ceil(self.items / self.batch_size)
         self.progress = progress
+        self.even_batches = even_batches and self.batched and self.batches > 1
         self._feeds = self._iterate()
         self.served = 0
         """Batches handed out so far."""
@@ -192,15 +201,20 @@ class CalibrationReader:
     def _iterate(self) -> Iterator[dict[str, np.ndarray]]:
         for start in range(0, self.items, self.batch_size):
             end = min(start + self.batch_size, self.items)
+            repeated = self.batch_size - (end - start) if self.even_batches else 0
             if self.batched:
-                feed = {n: x[start:end] for n, x in zip(self.names, self.inputs, strict=True)}
+                feed = {
+                    n: np.concatenate([x[start:end], x[:repeated]]) if repeated else x[start:end]
+                    for n, x in zip(self.names, self.inputs, strict=True)
+                }
             else:
                 feed = {n: x[start] for n, x in zip(self.names, self.inputs, strict=True)}
             self.served += 1
             if self.progress is not None:
                 width = len(str(self.batches))
                 self.progress(
-                    f"calibration batch {self.served:>{width}}/{self.batches} ({end - start} items)"
+                    f"calibration batch {self.served:>{width}}/{self.batches} ({end - start} items"
+                    + (f" + {repeated} repeated from the first, for equal batches)" if repeated else ")")
                 )
             yield feed
 
@@ -396,7 +410,8 @@ def to_int8(
         src = Path(src).resolve()
         _preprocess(spec, src, preprocessed, scratch, progress)
         reader = CalibrationReader(
-            spec, calibration_inputs, calibration_batch_size(spec, settings), progress
+            spec, calibration_inputs, calibration_batch_size(spec, settings), progress,
+            even_batches=settings.method != "minmax",
         )
         with atomic_path(dest) as tmp, _prints_to(progress):
             _quantize(spec, src, preprocessed, tmp, reader, settings)

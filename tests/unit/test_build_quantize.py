@@ -187,6 +187,28 @@ def test_calibration_reader_yields_exactly_the_calibration_inputs(exported: Expo
     assert not any(x.tobytes() in evaluation for x in calibration)
 
 
+def test_even_batches_fill_the_last_batch_with_the_first_items(exported: Exported) -> None:
+    calibration = exported.held.calibration[0]
+    lines: list[str] = []
+    reader = quantize.CalibrationReader(FAST, exported.held.calibration, 100, lines.append, even_batches=True)
+    feeds = [f[PIXELS] for f in reader]
+    assert [len(f) for f in feeds] == [100, 100, 100]
+    np.testing.assert_array_equal(np.concatenate(feeds)[:256], calibration)
+    np.testing.assert_array_equal(feeds[2][56:], calibration[:44])
+    assert lines[-1] == "calibration batch 3/3 (56 items + 44 repeated from the first, for equal batches)"
+    # one batch holding every item is left as it is
+    assert [len(f[PIXELS]) for f in quantize.CalibrationReader(FAST, exported.held.calibration, 300, even_batches=True)] == [256]
+
+
+@pytest.mark.parametrize("method", ["percentile", "entropy"])
+def test_histogram_calibration_takes_a_short_last_batch(exported: Exported, tmp_path: Path, method: str) -> None:
+    # ONNX Runtime's histogram calibrators np.asarray the per-batch values: a ragged last batch
+    # (256 items in batches of 48) failed with "inhomogeneous shape" before batches were evened.
+    settings = quantize.Int8Settings(method=method, batch_size=48)
+    dest = quantize.to_int8(exported.fp32, tmp_path / "int8.onnx", FAST, exported.held.calibration, None, settings)
+    assert any(n.op_type == "QuantizeLinear" for n in onnx.load(str(dest)).graph.node)
+
+
 def test_calibration_batches_are_capped_by_max_batch_size_and_unbatched_models_go_item_by_item() -> None:
     small = replace(FAST, max_batch_size=8, dynamic_batching=None)
     assert quantize.calibration_batch_size(small) == 8
