@@ -56,8 +56,10 @@ from kiln.build.check import BudgetError, BuildError, CheckError, HeldOut
 from kiln.spec import (
     PRECISIONS,
     CheckpointSource,
+    EnsembleSpec,
     ModelSpec,
     OnnxFileSource,
+    Spec,
     Variant,
     resolve_path,
     served_name,
@@ -1253,7 +1255,10 @@ def build(
 ) -> list[BuildResult]:
     """Builds every spec that has a `build` section; skips those that are up to date; writes
     every spec's config.pbtxt (what `kiln generate` writes, embedded target): each built model's
-    right after its artifacts, the rest at the end, so no published model lacks its config.
+    right after its artifacts, the rest at the end, so no published model lacks its config. With
+    `only`, the configs written are the selected models' and those of the pipelines that run
+    them (with their steps that need no build). An optional variant its gates refused gets no
+    config (one left from before is removed), so the server never tries to load it.
 
     Args:
         specs: The repository's models; all are validated before anything starts.
@@ -1294,16 +1299,41 @@ def build(
             repository=repository,
             exporter=exporter,
         )
-        # The model's configs beside its artifacts: a published model.onnx never lacks one.
-        repository_files.write([spec], repository)
-    if selected:
-        written = repository_files.write(selected, repository)
+        # The model's configs beside its artifacts: a published model.onnx never lacks one; an
+        # optional variant its gates refused gets none (and loses one left from before).
+        repository_files.write([spec], repository, refused=_refused([spec], artifacts))
+    configured = _with_pipelines(specs, selected)
+    if configured:
+        written = repository_files.write(configured, repository, refused=_refused(configured, artifacts))
         log.say(
             f"kiln build: {len(written)} config(s) in {_show(repository)} match the spec "
             "(written where they differed; the same files as kiln generate)"
         )
     _report(results, log, time.perf_counter() - start)
     return results
+
+
+def _refused(specs: Sequence[Spec], artifacts: Path) -> dict[str, str]:
+    """The served names of the variants the specs' last builds refused (`publish.refused_served_names`)."""
+    from kiln.build import publish
+
+    return publish.refused_served_names(specs, artifacts)
+
+
+def _with_pipelines(specs: Sequence[Spec], selected: Sequence[Spec]) -> list[Spec]:
+    """`selected`, and every pipeline that runs one of them with the pipeline's steps that need no
+    build: what `kiln build --model X` writes the configs of, so that X's pipeline (its
+    folder's `pipeline.py`) is served with it."""
+    chosen = {s.name for s in selected}
+    by_name = {s.name: s for s in specs}
+    for spec in specs:
+        if isinstance(spec, EnsembleSpec) and any(step.model in chosen for step in spec.steps):
+            chosen.add(spec.name)
+            chosen.update(
+                step.model for step in spec.steps
+                if step.model in by_name and getattr(by_name[step.model], "build", None) is None
+            )
+    return [s for s in specs if s.name in chosen]
 
 
 def _buildable(selected: Sequence[ModelSpec], log: _Log) -> list[ModelSpec]:

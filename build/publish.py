@@ -275,6 +275,27 @@ def read_manifest(path: Path) -> dict[str, Any] | None:
     return document if isinstance(document, dict) else None
 
 
+def refused_served_names(specs: Iterable[Any], artifacts: Path | None = None) -> dict[str, str]:
+    """The served names of the optional variants each model's last build refused (its manifest's
+    `refused`), each with why: those have no model, so no config is written for them and
+    `kiln.repository.stale` expects none (`kiln build` removes one left from before).
+
+    Args:
+        specs: The repository's specs; those without a build section have no manifest.
+        artifacts: The build's working folder; `kiln.paths.artifacts_dir()` when None.
+    """
+    from kiln.spec import served_name
+
+    refused: dict[str, str] = {}
+    for spec in specs:
+        if getattr(spec, "build", None) is None:
+            continue
+        manifest = read_manifest(manifest_path(spec.name, artifacts)) or {}
+        for precision, why in dict(manifest.get("refused") or {}).items():
+            refused[served_name(spec.name, precision)] = str(why)
+    return refused
+
+
 def _file_state(path: Path, sha256: Any, what: str) -> str | None:
     """Why `path` is not the recorded file, or None when it is."""
     if not path.is_file():

@@ -9,7 +9,8 @@ full NGC tritonserver container, where ONNX models run on the native onnxruntime
 from __future__ import annotations
 
 import difflib
-from collections.abc import Sequence
+import shutil
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -194,9 +195,10 @@ def generate(
     repository: Path,
     target: str = "embedded",
     backends: Sequence[str] | None = None,
+    refused: Mapping[str, str] | None = None,
 ) -> list[Path]:
     """Validates every spec, then writes each model's `config.pbtxt` (and the other files of
-    `generated_files`) under `repository`.
+    `generated_files`) under `repository`; none for a variant in `refused` (as for `write`).
 
     Nothing is written when any spec is invalid. A file whose text is unchanged is not rewritten.
 
@@ -204,16 +206,29 @@ def generate(
         The configs written or already up to date, one per served model.
     """
     validate(specs, backends)
-    return write(specs, repository, target)
+    return write(specs, repository, target, refused)
 
 
-def write(specs: Sequence[Spec], repository: Path, target: str = "embedded") -> list[Path]:
+def write(
+    specs: Sequence[Spec],
+    repository: Path,
+    target: str = "embedded",
+    refused: Mapping[str, str] | None = None,
+) -> list[Path]:
     """Writes the files of `generated_files` for each of `specs` (already validated, with the
     rest of their repository) under `repository`; a file whose text is unchanged is not
-    rewritten. Returns the configs, one per served model."""
+    rewritten. Returns the configs, one per served model.
+
+    `refused` (served name -> why; `kiln.build.publish.refused_served_names`) names the optional
+    variants the last build refused: they have no model, so their config is not written and
+    one left from before is removed (Triton would fail to load it)."""
+    refused = refused or {}
     planned = {spec.name: generated_files(spec, target) for spec in served_specs(specs)}
     configs = []
     for name, files in planned.items():
+        if name in refused:
+            _remove_config(Path(repository) / name)
+            continue
         for relative, text in files.items():
             path = Path(repository) / name / relative
             if not path.is_file() or path.read_text() != text:
@@ -223,17 +238,41 @@ def write(specs: Sequence[Spec], repository: Path, target: str = "embedded") -> 
     return configs
 
 
-def stale(specs: Sequence[Spec], repository: Path, target: str = "embedded") -> list[str]:
+def _remove_config(folder: Path) -> None:
+    """Removes the config in `folder`, and the folder when nothing but empty folders is left (Triton
+    reports a model folder without a config as a model that failed to load)."""
+    (folder / CONFIG_NAME).unlink(missing_ok=True)
+    if folder.is_dir() and not any(p.is_file() or p.is_symlink() for p in folder.rglob("*")):
+        shutil.rmtree(folder)
+
+
+def stale(
+    specs: Sequence[Spec],
+    repository: Path,
+    target: str = "embedded",
+    refused: Mapping[str, str] | None = None,
+) -> list[str]:
     """How the files under `repository` differ from the generator's output (empty: up to date).
 
     Each entry is a readable description: a missing file, a unified diff of a changed one, or a
-    config in the repository that no spec declares.
+    config in the repository that no spec declares. A variant in `refused` (as for `write`) must
+    have no config.
     """
     repository = Path(repository)
+    refused = refused or {}
     problems = []
     names = set()
     for spec in served_specs(specs):
         names.add(spec.name)
+        if spec.name in refused:
+            path = repository / spec.name / CONFIG_NAME
+            if path.is_file():
+                problems.append(
+                    f"{path}: the last build refused this optional variant, so it has no model "
+                    f"and must have no config (`kiln build` or `kiln generate` removes it): "
+                    f"{refused[spec.name]}"
+                )
+            continue
         for relative, want in generated_files(spec, target).items():
             path = repository / spec.name / relative
             if not path.is_file():

@@ -13,6 +13,7 @@ from kiln.cli.models_option import add_models_option, use_models_dirs
 
 def run_generate(args: argparse.Namespace) -> int:
     """The `generate` command: 0 written or up to date, 1 a config differs (--check), 2 a bad spec."""
+    from kiln.build.publish import refused_served_names
     from kiln.repository import generate, stale
     from kiln.spec import SpecError
 
@@ -20,8 +21,9 @@ def run_generate(args: argparse.Namespace) -> int:
     try:
         use_models_dirs(args)
         specs = served_specs()
+        refused = refused_served_names(specs)  # optional variants the last build refused: no config
         if args.check:
-            problems = stale(specs, repository, args.target)
+            problems = stale(specs, repository, args.target, refused)
             if problems:
                 print(
                     f"kiln generate --check: {len(problems)} config(s) differ from the spec; "
@@ -33,7 +35,7 @@ def run_generate(args: argparse.Namespace) -> int:
                 return 1
             print(f"kiln generate --check: {len(specs)} config(s) in {repository} match the spec")
             return 0
-        written = generate(specs, repository, args.target, paths.available_backends())
+        written = generate(specs, repository, args.target, paths.available_backends(), refused)
     except SpecError as error:
         print(f"kiln generate: {error}", file=sys.stderr)
         return 2

@@ -16,7 +16,8 @@ import pytest
 from onnx import helper, numpy_helper
 
 from kiln import paths, tensors
-from kiln.build import gates, pipeline, quantize
+from kiln import repository as repository_files
+from kiln.build import gates, pipeline, publish, quantize
 from kiln.build.check import BuildError
 from kiln.build.gates import OutputGateError
 from kiln.models.digits.spec import SPEC as DIGITS
@@ -267,6 +268,9 @@ def test_an_optional_variant_its_gates_refuse_is_reported_and_the_others_are_pub
                                  backends=paths.available_backends())
         return results, out.getvalue()
 
+    # A config for every variant from before (`kiln generate`): the refused one's must go.
+    repository_files.write([fast], repository)
+    assert (repository / "digits_int8" / "config.pbtxt").is_file()
     results, log = build()
     assert [(r.variant, r.status) for r in results] == [("fp32", "built"), ("fp16", "built"), ("int8", "refused")]
     assert "[digits] int8: REFUSED and not published (an optional variant; the others are): " in log
@@ -276,6 +280,21 @@ def test_an_optional_variant_its_gates_refuse_is_reported_and_the_others_are_pub
     assert not (repository / "digits_int8" / "1" / "model.onnx").exists()
     manifest = json.loads((artifacts / "digits" / "manifest.json").read_text())
     assert list(manifest["variants"]) == ["fp32", "fp16"] and "dead" in manifest["refused"]["int8"]
+    # No config for the refused variant (the server would fail to load it), and the drift check
+    # agrees once it knows what the last build refused.
+    assert (repository / "digits" / "config.pbtxt").is_file()
+    assert (repository / "digits_fp16" / "config.pbtxt").is_file()
+    assert not (repository / "digits_int8").exists()
+    refused = publish.refused_served_names([fast], artifacts)
+    assert list(refused) == ["digits_int8"] and "dead" in refused["digits_int8"]
+    assert repository_files.stale([fast], repository, refused=refused) == []
+    assert any("digits_int8" in p and "missing" in p for p in repository_files.stale([fast], repository))
+    repository_files.write([fast], repository)  # a generate that ignored the refusal...
+    assert "the last build refused this optional variant" in repository_files.stale(
+        [fast], repository, refused=refused
+    )[0]  # ...is caught, and the next write that knows removes it again
+    repository_files.write([fast], repository, refused=refused)
+    assert not (repository / "digits_int8").exists()
     # Up to date next time, and the refusal is still reported.
     results, log = build()
     assert [(r.variant, r.status) for r in results][-1] == ("int8", "refused (last build)")

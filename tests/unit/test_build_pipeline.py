@@ -863,3 +863,16 @@ def test_a_rule_that_cannot_be_met_fails_the_build_and_publishes_nothing(
     assert str(caught.value) == "model 'digits', stage 'derive': no threshold reaches recall 1"
     assert isinstance(caught.value.__cause__, ValueError)
     assert not (tmp_path / "repo").exists()
+
+
+def test_building_one_model_writes_the_configs_of_the_pipelines_that_run_it() -> None:
+    # `kiln build --model fraud` serves fraud_scorer too: the pipeline and its steps that need no
+    # build; not the other folders' models.
+    from kiln import registry
+
+    specs = registry.specs()
+    fraud = next(s for s in specs if s.name == "fraud")
+    names = [s.name for s in pipeline._with_pipelines(specs, [fraud])]
+    assert sorted(names) == ["fraud", "fraud_features", "fraud_scorer", "fraud_threshold"]
+    iris = next(s for s in specs if s.name == "iris")  # a folder with no pipeline
+    assert [s.name for s in pipeline._with_pipelines(specs, [iris])] == ["iris"]
