@@ -164,11 +164,12 @@ class CalibrationReader:
     "calibration batch k/N (n items)" to `progress`. A model without a batch dim (max_batch_size 0)
     gets one item per feed, without a batch dim.
 
-    With `even_batches`, a short last batch is filled up with the first items, so that every feed
-    has the same size: ONNX Runtime's histogram calibrators (percentile, entropy) stack each
-    tensor's per-batch values with `np.asarray`, which fails on a ragged last batch ("inhomogeneous
-    shape"). Min and max do not change by seeing an item twice; a histogram counts those items
-    twice. The progress line says how many were repeated.
+    With `even_batches` (what `to_int8` uses), a short last batch is filled up with the first
+    items, so that every feed has the same size: ONNX Runtime's histogram calibrators (percentile,
+    entropy) stack each tensor's per-batch values with `np.asarray`, which fails on a ragged last
+    batch ("inhomogeneous shape"), and a user's detector failed that way too. Min and max do not
+    change by seeing an item twice; a histogram counts those items twice. The progress line says
+    how many were repeated.
 
     Args:
         spec: Names the inputs (in order) and says whether there is a batch dim.
@@ -411,7 +412,7 @@ def to_int8(
         _preprocess(spec, src, preprocessed, scratch, progress)
         reader = CalibrationReader(
             spec, calibration_inputs, calibration_batch_size(spec, settings), progress,
-            even_batches=settings.method != "minmax",
+            even_batches=True,
         )
         with atomic_path(dest) as tmp, _prints_to(progress):
             _quantize(spec, src, preprocessed, tmp, reader, settings)
