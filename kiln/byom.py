@@ -26,6 +26,13 @@ shape, and the summary prints the `perf_analyzer --shape` arguments they need. E
 (which decides how a variant is measured against FP32) is written into `BuildSpec.outputs` by
 `kiln.build.gates.infer_kind`'s rule, with the rule as a comment: edit it where it guessed wrong.
 
+Some choices are the user's to declare (`kiln add` flags in parentheses): an output's kind
+instead of the inferred one (`output_kinds`, --kind output0=detections), the per-item dims of an
+input the graph leaves symbolic (`input_dims`, --dims images=3,320,320: the folder's model.onnx
+then declares them), the INT8 settings (`int8`, --int8 FIELD=VALUE: any `kiln.spec.Int8Options`
+field, node-name patterns expanded against the graph) and optional variants (`variants_from`,
+--optional int8).
+
 Before anything is moved into place the written spec is imported, validated (`kiln.spec.validate`),
 and its held-out file and ONNX graph are read back the way the build reads them, so a folder that
 `add_*` returns builds with `kiln build --model <name>` (with `KILN_MODELS=<dest_dir>` when
@@ -35,6 +42,8 @@ and its held-out file and ONNX graph are read back the way the build reads them,
 from __future__ import annotations
 
 import copy
+import dataclasses
+import fnmatch
 import importlib
 import importlib.util
 import inspect
@@ -54,6 +63,8 @@ import onnx
 
 from kiln import paths
 from kiln.spec import (
+    OUTPUT_KINDS,
+    Int8Options,
     ModelSpec,
     OnnxFileSource,
     SpecError,
@@ -131,6 +142,8 @@ class Signature:
         max_batch_size: The given maximum when the first axis is a batch axis, else 0.
         opset: The graph's default-domain opset.
         batching: One sentence saying how the batch axis was decided.
+        nodes: (name, operator type) of every node of the graph, in its order: what INT8
+            settings may name (`Int8Options.nodes_to_exclude`, `exclude_op_types`, ...).
     """
 
     inputs: tuple[TensorSpec, ...]
@@ -138,6 +151,7 @@ class Signature:
     max_batch_size: int
     opset: int
     batching: str
+    nodes: tuple[tuple[str, str], ...] = ()
 
     @property
     def batched(self) -> bool:
@@ -276,6 +290,7 @@ def infer_signature(
         max_batch_size=max_batch_size if batched else 0,
         opset=opset,
         batching=batching,
+        nodes=tuple((node.name, node.op_type) for node in graph.node),
     )
 
 
@@ -457,6 +472,260 @@ def perf_analyzer_shapes(dims: Mapping[str, Sequence[int]]) -> list[str]:
     return [f"--shape {name}:{','.join(str(d) for d in shape)}" for name, shape in dims.items()]
 
 
+# --- declared choices: output kinds, input dims, INT8 settings, optional variants -------------
+
+
+def variants_from(precisions: Sequence[str], optional: Sequence[str] = ()) -> tuple[Variant, ...]:
+    """Variants from their precisions ("fp32", "fp16", "int8", each with its `DEFAULT_BUDGETS`
+    budget), those in `optional` marked `Variant(optional=True)`: its gates' refusal is reported
+    and it is not published, while the others are (what `kiln add --variants ... --optional ...`
+    writes).
+
+    Raises:
+        ByomError: an unknown precision, or an optional one that is not among the variants (or is
+            fp32, the reference every variant is measured against).
+    """
+    unknown = [p for p in (*precisions, *optional) if p not in DEFAULT_BUDGETS]
+    if unknown:
+        raise ByomError(
+            f"variants: {', '.join(map(repr, unknown))} is no precision (one of {', '.join(DEFAULT_BUDGETS)})"
+        )
+    stray = [p for p in optional if p not in precisions]
+    if stray:
+        raise ByomError(
+            f"optional variant(s) {', '.join(map(repr, stray))} are not among the variants "
+            f"({', '.join(precisions) or 'none'})"
+        )
+    if "fp32" in optional:
+        raise ByomError(
+            "fp32 cannot be optional: it is the reference every other variant is measured against"
+        )
+    return tuple(
+        Variant(p, max_metric_drop=DEFAULT_BUDGETS[p], optional=p in optional) for p in precisions
+    )
+
+
+@dataclass(frozen=True)
+class _Kind:
+    """An output's kind, and why (the reason comment of the spec, the summary and the README)."""
+
+    kind: str
+    reason: str
+    declared: bool
+
+
+def _output_kinds(signature: Signature, declared: Mapping[str, str] | None) -> dict[str, _Kind]:
+    """Each output's kind: the declared one (`output_kinds`, `kiln add --kind`), else
+    `kiln.build.gates.infer_kind`'s rule.
+
+    Raises:
+        ByomError: a declared name is no output, a kind is not one of OUTPUT_KINDS, or a
+            detections output lacks the two per-item dims [4 + classes, candidates].
+    """
+    from kiln.build import gates
+
+    declared = dict(declared or {})
+    outputs = {t.name: t for t in signature.outputs}
+    problems = []
+    for name, kind in declared.items():
+        tensor = outputs.get(name)
+        if tensor is None:
+            problems.append(f"{name!r} is no output (the outputs: {', '.join(map(repr, outputs))})")
+        elif kind not in OUTPUT_KINDS:
+            problems.append(f"output {name!r}: {kind!r} is no kind (one of {', '.join(OUTPUT_KINDS)})")
+        elif kind == "detections" and len(tensor.dims) != 2:
+            problems.append(
+                f"output {name!r} is {_dims_text(tensor, signature.batched)}: a detections output holds "
+                "two per-item dims, [4 + classes, candidates] or [candidates, 4 + classes]"
+            )
+    if problems:
+        raise ByomError("output kinds: " + "; ".join(problems))
+    kinds = {}
+    for tensor in signature.outputs:
+        inferred = gates.infer_kind(tensor)
+        if tensor.name in declared:
+            kind = declared[tensor.name]
+            reason = "declared" + ("" if kind == inferred else f"; the rule would say {inferred}")
+            kinds[tensor.name] = _Kind(kind, reason, True)
+        else:
+            kinds[tensor.name] = _Kind(inferred, _kind_reason(tensor, inferred), False)
+    return kinds
+
+
+def _fix_input_dims(
+    model: onnx.ModelProto, signature: Signature, input_dims: Mapping[str, Sequence[int]]
+) -> tuple[onnx.ModelProto, list[str]]:
+    """A copy of `model` whose inputs named in `input_dims` declare those dims (per item when the
+    graph has a batch axis, which stays symbolic), and what was done.
+
+    Raises:
+        ByomError: a name is no input, the dims are not sizes >= 1, their count differs from the
+            input's, or they contradict a size the graph fixes; or the graph does not accept them
+            (onnx.checker's shape inference).
+    """
+    inputs = {t.name: t for t in signature.inputs}
+    per_item = "per-item " if signature.batched else ""
+    problems = []
+    fixed: dict[str, tuple[int, ...]] = {}
+    for name, dims in input_dims.items():
+        tensor = inputs.get(name)
+        if tensor is None:
+            problems.append(f"{name!r} is no input (the inputs: {', '.join(map(repr, inputs))})")
+            continue
+        dims = tuple(dims)
+        if not dims or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 1 for d in dims):
+            problems.append(f"input {name!r}: dims must be sizes >= 1, got {list(dims)}")
+            continue
+        have = list(tensor.dims)
+        if len(dims) != len(have):
+            problems.append(
+                f"input {name!r} has {len(have)} {per_item}dims ({_dims_text(tensor, signature.batched)}), "
+                f"got {len(dims)}: {list(dims)}"
+            )
+            continue
+        clash = [
+            f"dim {i} is {h} in the graph, not {d}"
+            for i, (h, d) in enumerate(zip(have, dims, strict=True))
+            if h not in (-1, d)
+        ]
+        if clash:
+            problems.append(f"input {name!r}: " + ", ".join(clash))
+            continue
+        fixed[name] = dims
+    if problems:
+        raise ByomError("input dims: " + "; ".join(problems))
+    model = copy.deepcopy(model)
+    offset = 1 if signature.batched else 0
+    notes = []
+    for value in model.graph.input:
+        dims = fixed.get(value.name)
+        if dims is None:
+            continue
+        shape = value.type.tensor_type.shape.dim
+        for i, size in enumerate(dims):
+            shape[i + offset].Clear()
+            shape[i + offset].dim_value = size
+        before = _dims_text(inputs[value.name], signature.batched)
+        notes.append(
+            f"input {value.name!r}: {per_item}dims fixed to {list(dims)} (the graph's are {before}); "
+            f"{ONNX_FILE} declares them, so the server refuses a request of any other shape"
+        )
+    try:
+        onnx.checker.check_model(model, full_check=True)
+    except Exception as error:
+        raise ByomError(f"input dims {dict(fixed)}: the graph does not accept them ({error})") from None
+    return model, notes
+
+
+INT8_FIELDS = {f.name: f for f in dataclasses.fields(Int8Options)}
+"""`Int8Options`' fields, by name: what `int8` / `kiln add --int8 FIELD=VALUE` may set."""
+_INT8_NAMES = ("op_types_to_quantize", "exclude_op_types", "nodes_to_exclude")
+_INT8_FLAGS = ("per_channel", "reduce_range")
+_GLOB = set("*?[")
+
+
+def _int8_value(field: str, value: Any) -> Any:
+    """One `Int8Options` field's value from a mapping (text from the command line, or Python)."""
+    if field in _INT8_NAMES:
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",")]
+        return tuple(str(v) for v in value if str(v))
+    if field in _INT8_FLAGS:
+        if isinstance(value, bool):
+            return value
+        text = str(value).strip().lower()
+        if text in ("true", "yes", "1"):
+            return True
+        if text in ("false", "no", "0"):
+            return False
+        raise ByomError(f"int8 setting {field!r} must be true or false, got {value!r}")
+    if field == "batch_size":
+        try:
+            return int(value)
+        except (TypeError, ValueError):
+            raise ByomError(f"int8 setting 'batch_size' must be an integer, got {value!r}") from None
+    return str(value)
+
+
+def _int8_options(
+    int8: Int8Options | Mapping[str, Any] | None, signature: Signature, variants: Sequence[Variant]
+) -> tuple[Int8Options | None, list[str]]:
+    """The spec's `BuildSpec.int8` from `int8` (an `Int8Options`, or a mapping of its field names
+    to values: names as a tuple or comma-separated text), and what was decided. A
+    `nodes_to_exclude` entry holding * ? or [ is a pattern (fnmatch) over the graph's node names,
+    replaced by the names it matches; plain names and operator types must be the graph's.
+
+    Raises:
+        ByomError: no int8 variant is asked for, an unknown field or a value of the wrong kind, a
+            pattern that matches nothing, a node or operator type the graph lacks.
+    """
+    if int8 is None:
+        return None, []
+    if not any(v.precision == "int8" for v in variants):
+        raise ByomError(
+            "INT8 settings were given, but no int8 variant is asked for (add int8 to the variants)"
+        )
+    if isinstance(int8, Int8Options):
+        values = {name: getattr(int8, name) for name in INT8_FIELDS}
+    elif isinstance(int8, Mapping):
+        unknown = [k for k in int8 if k not in INT8_FIELDS]
+        if unknown:
+            raise ByomError(
+                f"int8 settings: {', '.join(map(repr, unknown))} is no field of kiln.spec.Int8Options "
+                f"({', '.join(INT8_FIELDS)})"
+            )
+        values = {name: None for name in INT8_FIELDS}
+        values.update({k: None if v is None else _int8_value(k, v) for k, v in int8.items()})
+    else:
+        raise ByomError(
+            f"int8 must be a kiln.spec.Int8Options or a mapping of its fields, got {type(int8).__name__}"
+        )
+    names = [name for name, _ in signature.nodes]
+    types = sorted({op for _, op in signature.nodes})
+    problems, notes = [], []
+    excluded = values.get("nodes_to_exclude")
+    if excluded:
+        expanded: list[str] = []
+        for entry in excluded:
+            if _GLOB & set(entry):
+                matched = [n for n in names if fnmatch.fnmatchcase(n, entry)]
+                if not matched:
+                    problems.append(f"nodes_to_exclude pattern {entry!r} matches no node of the graph")
+                    continue
+                notes.append(
+                    f"int8: nodes_to_exclude {entry!r} matched {len(matched)} node(s) of the graph "
+                    f"({matched[0]} ... {matched[-1]}), kept in FP32"
+                )
+                expanded += matched
+            elif entry in names:
+                expanded.append(entry)
+            else:
+                problems.append(
+                    f"nodes_to_exclude: the graph has no node {entry!r} (its first nodes: "
+                    f"{', '.join(names[:3])}; a pattern such as '/head/*' matches many)"
+                )
+        values["nodes_to_exclude"] = tuple(dict.fromkeys(expanded))
+    for field in ("op_types_to_quantize", "exclude_op_types"):
+        missing = [op for op in values.get(field) or () if op not in types]
+        if missing:
+            problems.append(
+                f"{field}: the graph has no {', '.join(map(repr, missing))} node (its operator types: "
+                f"{', '.join(types)})"
+            )
+    if problems:
+        raise ByomError("int8 settings: " + "; ".join(problems))
+    options = Int8Options(**values)
+    given = [f"{k}={_int8_short(v)}" for k, v in values.items() if v is not None]
+    notes.insert(0, "int8 settings (BuildSpec.int8): " + (", ".join(given) or "the defaults"))
+    return options, notes
+
+
+def _int8_short(value: Any) -> str:
+    if isinstance(value, tuple):
+        return "(" + ", ".join(value[:3]) + (f", ... {len(value)} in all" if len(value) > 3 else "") + ")"
+    return repr(value)
+
+
 # --- the folder ------------------------------------------------------------------------------
 
 
@@ -544,7 +813,35 @@ def _py(value: Any) -> str:
         return json.dumps(value)
     if isinstance(value, Mapping):
         return "{" + ", ".join(f"{_py(k)}: {_py(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, tuple):
+        return "(" + ", ".join(_py(v) for v in value) + ("," if len(value) == 1 else "") + ")"
     return repr(value)
+
+
+def _int8_text(options: Int8Options, notes: Sequence[str]) -> list[str]:
+    """The `int8=Int8Options(...)` lines of spec.py (the fields given; long name lists packed)."""
+    lines = ["        # INT8 quantization settings (kiln.spec.Int8Options), given to kiln add."]
+    for note in notes[1:]:
+        lines += [f"        # {line}" for line in textwrap.wrap(note.removeprefix("int8: "), 88)]
+    lines.append("        int8=Int8Options(")
+    for field in INT8_FIELDS:
+        value = getattr(options, field)
+        if value is None:
+            continue
+        if isinstance(value, tuple) and len(value) > 3:
+            lines.append(f"            {field}=(")
+            row = ""
+            for item in value:
+                piece = f"{_py(item)}, "
+                if row and len(row) + len(piece) > 84:
+                    lines.append("                " + row.rstrip())
+                    row = ""
+                row += piece
+            lines += ["                " + row.rstrip(), "            ),"]
+        else:
+            lines.append(f"            {field}={_py(value)},")
+    lines.append("        ),")
+    return lines
 
 
 def _dims_text(tensor: TensorSpec, batched: bool) -> str:
@@ -563,6 +860,9 @@ def _spec_text(
     variants: Sequence[Variant],
     warmup: Warmup,
     held: _HeldOut,
+    kinds: Mapping[str, _Kind],
+    int8: Int8Options | None = None,
+    int8_notes: Sequence[str] = (),
 ) -> str:
     """spec.py: a commented ModelSpec."""
     from kiln.build import gates
@@ -589,6 +889,7 @@ def _spec_text(
         *(["    CheckpointSource,"] if source.startswith("CheckpointSource") else []),
         *(["    DynamicBatching,"] if batched else []),
         "    InstanceGroup,",
+        *(["    Int8Options,"] if int8 is not None else []),
         "    ModelSpec,",
         *(["    OnnxFileSource,"] if source.startswith("OnnxFileSource") else []),
         "    OutputCheck,",
@@ -658,8 +959,16 @@ def _spec_text(
         if v.precision != "fp32" or v.max_metric_drop:
             budget = f", max_metric_drop={v.max_metric_drop!r}"
         serve = "" if v.serve else ", serve=False"
-        lines.append(f"            Variant({_py(v.precision)}{budget}{serve}),")
+        optional = ", optional=True" if getattr(v, "optional", False) else ""
+        lines.append(f"            Variant({_py(v.precision)}{budget}{serve}{optional}),")
     lines.append("        ),")
+    if any(getattr(v, "optional", False) for v in variants):
+        lines += [
+            "        # optional=True: a variant its gates refuse is reported (the build log, the table,",
+            "        # the manifest's 'refused') and not published, while the others are.",
+        ]
+    if int8 is not None:
+        lines += _int8_text(int8, int8_notes)
     rule = (
         "What each output means decides how a variant is measured against FP32. Inferred by the rule "
         f"of kiln.build.gates.infer_kind: {gates.INFERENCE_RULE}. Change a kind where it guessed wrong "
@@ -668,9 +977,9 @@ def _spec_text(
     lines += [f"        # {line}" for line in textwrap.wrap(rule, 90)]
     lines.append("        outputs=(")
     for t in signature.outputs:
-        kind = gates.infer_kind(t)
-        lines.append(f"            # {t.name}: {_kind_reason(t, kind)}")
-        lines.append(f"            OutputCheck({_py(t.name)}, {_py(kind)}),")
+        kind = kinds[t.name]
+        lines.append(f"            # {t.name}: {kind.reason}")
+        lines.append(f"            OutputCheck({_py(t.name)}, {_py(kind.kind)}),")
     lines += ["        ),", "    ),", ")", ""]
     return "\n".join(lines)
 
@@ -728,10 +1037,8 @@ def _check_written(spec: ModelSpec) -> None:
 def _readme(
     *, name: str, description: str, origin: str, signature: Signature, variants: Sequence[Variant],
     held: _HeldOut, shapes: Sequence[str], files: Sequence[str], notes: Sequence[str],
-    dest_in_models: bool,
+    dest_in_models: bool, kinds: Mapping[str, _Kind],
 ) -> str:
-    from kiln.build import gates
-
     batched = signature.batched
     env = "" if dest_in_models else "KILN_MODELS=<the folder holding this one> "
     lines = [
@@ -751,7 +1058,8 @@ def _readme(
         "| tensor | dtype and dims | output kind |",
         "| --- | --- | --- |",
         *(f"| input `{t.name}` | {_dims_text(t, batched)} | |" for t in signature.inputs),
-        *(f"| output `{t.name}` | {_dims_text(t, batched)} | {gates.infer_kind(t)} (inferred) |"
+        *(f"| output `{t.name}` | {_dims_text(t, batched)} | {kinds[t.name].kind} "
+          f"({'declared' if kinds[t.name].declared else 'inferred'}) |"
           for t in signature.outputs),
         "",
         f"Batching: {signature.batching}.",
@@ -760,7 +1068,11 @@ def _readme(
         "",
         "Every variant is scored by agreement with the FP32 model on the held-out items "
         f"(`{HELD_OUT_FILE}`): "
-        + ", ".join(f"{v.precision} (max drop {v.max_metric_drop:g})" for v in variants) + ".",
+        + ", ".join(
+            f"{v.precision} (max drop {v.max_metric_drop:g}"
+            + (", optional" if getattr(v, "optional", False) else "") + ")"
+            for v in variants
+        ) + ".",
         "",
         *(f"- {note}" for note in (*held.notes, *notes)),
         "",
@@ -788,21 +1100,22 @@ def _readme(
 def _summary(
     *, folder: Path, files: Sequence[str], origin: str, signature: Signature, variants: Sequence[Variant],
     held: _HeldOut, warmup: Warmup, shapes: Sequence[str], notes: Sequence[str], dest_in_models: bool,
-    name: str,
+    name: str, kinds: Mapping[str, _Kind],
 ) -> str:
-    from kiln.build import gates
-
     batched = signature.batched
     env = "" if dest_in_models else f"KILN_MODELS={folder.parent} "
     lines = [f"kiln add: wrote {folder}/ ({', '.join(files)}) from {origin}"]
     for t in signature.inputs:
         lines.append(f"  input   {t.name}: {_dims_text(t, batched)}")
     for t in signature.outputs:
-        kind = gates.infer_kind(t)
-        lines.append(f"  output  {t.name}: {_dims_text(t, batched)}, kind {kind} ({_kind_reason(t, kind)})")
+        kind = kinds[t.name]
+        lines.append(f"  output  {t.name}: {_dims_text(t, batched)}, kind {kind.kind} ({kind.reason})")
     lines.append(f"  batching: {signature.batching}")
     budgets = ", ".join(
-        v.precision + (f" (max drop {v.max_metric_drop:g})" if v.precision != "fp32" else "")
+        v.precision
+        + (f" (max drop {v.max_metric_drop:g}" if v.precision != "fp32" else "")
+        + (", optional" if getattr(v, "optional", False) else "")
+        + (")" if v.precision != "fp32" else "")
         for v in variants
     )
     lines.append(f"  opset {signature.opset}; variants: {budgets}")
@@ -824,14 +1137,14 @@ def _summary(
     return "\n".join(lines)
 
 
-def _granularity_notes(signature: Signature, variants: Sequence[Variant], held: _HeldOut) -> list[str]:
+def _granularity_notes(
+    signature: Signature, variants: Sequence[Variant], held: _HeldOut, kinds: Mapping[str, _Kind]
+) -> list[str]:
     """A warning when one disagreeing evaluation item costs a class-score output more than a
     variant's budget (a top-1 agreement moves in steps of 1/items)."""
-    from kiln.build import gates
-
     items = len(next(iter(held.evaluation.values())))
     budgets = [v.max_metric_drop for v in variants if v.precision != "fp32"]
-    classes = [t.name for t in signature.outputs if gates.infer_kind(t) == "class_scores"]
+    classes = [t.name for t in signature.outputs if kinds[t.name].kind in ("class_scores", "probabilities")]
     if not budgets or not classes or 1 / items <= min(budgets):
         return []
     return [
@@ -857,6 +1170,8 @@ def _write_folder(
     calibration: Samples | None,
     payload: Callable[[Path], list[str]],
     notes: Sequence[str] = (),
+    output_kinds: Mapping[str, str] | None = None,
+    int8: Int8Options | Mapping[str, Any] | None = None,
 ) -> Scaffold:
     """Writes the folder into a temporary sibling, checks it, then moves its files into place.
 
@@ -870,9 +1185,11 @@ def _write_folder(
             f"the graph's opset is {signature.opset}; kiln builds opsets {OPSETS[0]}..{OPSETS[1]}: "
             "convert it (onnx.version_converter.convert_version(model, 17)) or re-export it"
         )
+    kinds = _output_kinds(signature, output_kinds)
+    int8_settings, int8_notes = _int8_options(int8, signature, chosen)
     needs_calibration = any(v.precision == "int8" for v in chosen)
     held = _prepare_held_out(signature.inputs, signature.batched, samples, calibration, needs_calibration)
-    notes = [*notes, *_granularity_notes(signature, chosen, held)]
+    notes = [*notes, *int8_notes, *_granularity_notes(signature, chosen, held, kinds)]
     dims = warmup_dims(signature.inputs, held.evaluation)
     warmup = Warmup(name="sample_shape" if dims else "zeros", dims=dims)
     shapes = perf_analyzer_shapes(dims)
@@ -880,7 +1197,7 @@ def _write_folder(
     source = _source_text(source_kind, factory=factory)
     spec_text = _spec_text(
         name=name, description=description, origin=origin, signature=signature, source=source,
-        variants=chosen, warmup=warmup, held=held,
+        variants=chosen, warmup=warmup, held=held, kinds=kinds, int8=int8_settings, int8_notes=int8_notes,
     )
     dest = folder.parent
     dest_in_models = dest == (paths.ROOT / "models").resolve()
@@ -893,6 +1210,7 @@ def _write_folder(
         (tmp / README_FILE).write_text(_readme(
             name=name, description=description, origin=origin, signature=signature, variants=chosen,
             held=held, shapes=shapes, files=files, notes=notes, dest_in_models=dest_in_models,
+            kinds=kinds,
         ))
         _check_written(_load_spec(tmp / SPEC_FILE))
         folder.mkdir(exist_ok=True)
@@ -906,6 +1224,7 @@ def _write_folder(
     summary = _summary(
         folder=folder, files=files, origin=origin, signature=signature, variants=chosen, held=held,
         warmup=warmup, shapes=shapes, notes=notes, dest_in_models=dest_in_models, name=name,
+        kinds=kinds,
     )
     return Scaffold(
         name=name, folder=folder, files=tuple(files), spec=_load_spec(folder / SPEC_FILE),
@@ -916,12 +1235,17 @@ def _write_folder(
 # --- ONNX ------------------------------------------------------------------------------------
 
 
-def _smoke_run(onnx_path: Path, signature: Signature, items: Mapping[str, np.ndarray]) -> None:
-    """Runs the graph once on the first held-out item(s), so samples it rejects fail here."""
+def _smoke_run(
+    onnx_path: Path, signature: Signature, items: Mapping[str, np.ndarray], model: bytes | None = None
+) -> None:
+    """Runs the graph (`model`'s bytes when given: the file with its input dims fixed) once on the
+    first held-out item(s), so samples it rejects fail here."""
     import onnxruntime as ort
 
     try:
-        session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+        session = ort.InferenceSession(
+            model if model is not None else str(onnx_path), providers=["CPUExecutionProvider"]
+        )
     except Exception as error:
         raise ByomError(f"ONNX Runtime cannot load {str(onnx_path)!r}: {error}") from None
     feed = {
@@ -945,6 +1269,9 @@ def add_onnx(
     max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
     description: str | None = None,
     force: bool = False,
+    output_kinds: Mapping[str, str] | None = None,
+    input_dims: Mapping[str, Sequence[int]] | None = None,
+    int8: Int8Options | Mapping[str, Any] | None = None,
 ) -> Scaffold:
     """Writes `dest_dir/<name>/` serving the ONNX file at `onnx_path` (an `OnnxFileSource`).
 
@@ -962,6 +1289,14 @@ def add_onnx(
         max_batch_size: The largest batch when the graph has a symbolic batch axis.
         description: One line for the spec; a default names the file.
         force: Overwrite the files `kiln add` writes in an existing folder.
+        output_kinds: Output name -> its kind (one of `kiln.spec.OUTPUT_KINDS`), declared instead
+            of the inferred one (`{"output0": "detections"}`).
+        input_dims: Input name -> dims to fix where the graph's are symbolic (per item when the
+            graph has a batch axis: `{"images": (3, 320, 320)}` for a detector trained at 320).
+            The folder's model.onnx declares them, so the server refuses other shapes.
+        int8: The INT8 variant's settings (`BuildSpec.int8`): an `Int8Options` or a mapping of
+            its fields; a `nodes_to_exclude` entry with * ? [ is a pattern over the graph's node
+            names ("/model.22/*"), written out as the names it matches.
 
     Returns:
         The folder, its spec and its text, and the summary `kiln add` prints.
@@ -978,17 +1313,27 @@ def add_onnx(
     except Exception as error:
         raise ByomError(f"onnx.checker rejected {str(path)!r}: {error}") from None
     signature = infer_signature(model, max_batch_size=max_batch_size)
+    notes: list[str] = []
+    fixed: bytes | None = None
+    if input_dims:
+        model, notes = _fix_input_dims(model, signature, input_dims)
+        signature = infer_signature(model, max_batch_size=max_batch_size)
+        fixed = model.SerializeToString()
 
     def payload(folder: Path) -> list[str]:
-        shutil.copyfile(path, folder / ONNX_FILE)
+        if fixed is None:
+            shutil.copyfile(path, folder / ONNX_FILE)
+        else:
+            (folder / ONNX_FILE).write_bytes(fixed)
         return [ONNX_FILE]
 
     held = _prepare_held_out(signature.inputs, signature.batched, samples, calibration, False)
-    _smoke_run(path, signature, held.evaluation)
+    _smoke_run(path, signature, held.evaluation, fixed)
     return _write_folder(
         name=name, dest_dir=dest_dir, force=force, origin=f"ONNX file {path.name}",
         description=description, signature=signature, source_kind="onnx", factory=None,
-        variants=variants, samples=samples, calibration=calibration, payload=payload,
+        variants=variants, samples=samples, calibration=calibration, payload=payload, notes=notes,
+        output_kinds=output_kinds, int8=int8,
     )
 
 
@@ -1230,6 +1575,8 @@ def add_module(
     opset: int = DEFAULT_OPSET,
     description: str | None = None,
     force: bool = False,
+    output_kinds: Mapping[str, str] | None = None,
+    int8: Int8Options | Mapping[str, Any] | None = None,
 ) -> Scaffold:
     """Writes `dest_dir/<name>/` serving a PyTorch module (a `CheckpointSource`).
 
@@ -1256,6 +1603,9 @@ def add_module(
         opset: The export's opset.
         description: One line for the spec.
         force: Overwrite the files `kiln add` writes in an existing folder.
+        output_kinds: Output name -> its kind, declared instead of the inferred one (see
+            `add_onnx`).
+        int8: The INT8 variant's settings (see `add_onnx`; node names are the export's).
 
     Raises:
         ByomError: naming what is wrong.
@@ -1324,6 +1674,7 @@ def add_module(
         name=name, dest_dir=dest_dir, force=force, origin=origin, description=description,
         signature=signature, source_kind="checkpoint", factory=factory, variants=variants,
         samples=arrays, calibration=calibration, payload=payload, notes=notes,
+        output_kinds=output_kinds, int8=int8,
     )
 
 
@@ -1337,5 +1688,6 @@ __all__ = [
     "add_onnx",
     "infer_signature",
     "perf_analyzer_shapes",
+    "variants_from",
     "warmup_dims",
 ]

