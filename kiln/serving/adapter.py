@@ -9,8 +9,11 @@ adapter
 - hands the whole dynamic batch to the step in one call (so a step can vectorize across requests),
 - turns each per-request exception into that request's error (a `ValueError`, `RequestError`
   included, is INVALID_ARG; anything else INTERNAL), so one bad request never fails its batch,
-- and keeps Triton custom metrics per model: requests, items, failures by reason, and the time
-  spent in the step (see METRICS), served on Triton's /metrics beside its own.
+- and keeps Triton custom metrics per model: requests, batches, failures by reason, and the time
+  spent in the step (see METRICS), served on Triton's /metrics beside its own. They are counted
+  in memory and pushed by a thread within `FLUSH_INTERVAL_S` (a push is a round trip to the
+  server, as costly as a good part of the step itself), and at once for a batch with a failed
+  request (see `StepCounters`).
 
 `triton_python_backend_utils` exists only inside the backend stub, so it is imported when a
 model class is made, never at import time.
@@ -18,8 +21,10 @@ model class is made, never at import time.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -40,14 +45,17 @@ METRICS = {
     "kiln_step_batches_total": "Batches (execute calls) a kiln processing step ran",
 }
 """Custom metric families (all counters, labeled by model; failures also by reason). Time per
-request is duration / requests; rate() them in Prometheus."""
+request is duration / requests; rate() them in Prometheus. They lag by up to `FLUSH_INTERVAL_S`
+(see `CounterBuffer`)."""
 
 _VERSION = re.compile(r"^[0-9]+$")
 _MODEL_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
 
 
 class Step(Protocol):
-    """A processing step: one call per dynamic batch, one result per request, in order."""
+    """A processing step: one call per dynamic batch, one result per request, in order. A step
+    that holds something to release (a fused pipeline's per-step counters) may also have a
+    `close()`, which the adapter calls at finalize."""
 
     def run(self, requests: Sequence[Inputs]) -> list[Outputs | Exception]:
         """Each request's outputs by name, or the exception that is that request's error."""
@@ -144,33 +152,129 @@ def read_inputs(request: Any, names: Sequence[str], pb_utils: Any) -> Inputs:
     return inputs
 
 
-class _Metrics:
-    """Triton custom metrics for one model; a no-op where the stub has no metrics API."""
+FLUSH_INTERVAL_S = 1.0
+"""How often counts held in memory are pushed to Triton (see `CounterBuffer`)."""
 
-    def __init__(self, pb_utils: Any, model: str) -> None:
-        self._model = model
+
+class CounterBuffer:
+    """Triton custom counters (the METRICS families), added to in memory and pushed to Triton by
+    a daemon thread every `interval` seconds, or at once by `flush`; a no-op where the stub has
+    no metrics API.
+
+    Why: each increment of a Triton custom metric is a round trip from the stub process to the
+    server (about 0.1 ms on this project's 2-core machines; benchmarks/fused.py and
+    docs/performance.md). Four increments per batch made a kiln step cost about 0.3 ms more than
+    the identity floor at concurrency 1. Here a batch costs a few dictionary additions under a
+    lock; the thread pushes each series' sum once per interval, so the series on /metrics lag by
+    up to `interval`, and `close` pushes what is left (nothing is lost at finalize).
+
+    Counts are keyed by (family, labels); labels are (name, value) pairs, in a fixed order.
+    """
+
+    def __init__(self, pb_utils: Any, name: str, interval: float | None = FLUSH_INTERVAL_S) -> None:
         self._families: dict[str, Any] = {}
-        self._metrics: dict[tuple[str, str], Any] = {}
+        self._metrics: dict[tuple[str, tuple[tuple[str, str], ...]], Any] = {}
+        self._pending: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
+        self._lock = threading.Lock()  # guards _pending (the request path and the thread)
+        self._push_lock = threading.Lock()  # one push at a time: the thread and a direct flush
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
         family_type = getattr(pb_utils, "MetricFamily", None)
         if family_type is None:
             return
-        for name, description in METRICS.items():
-            self._families[name] = family_type(
-                name=name, description=description, kind=family_type.COUNTER
+        for family, description in METRICS.items():
+            self._families[family] = family_type(
+                name=family, description=description, kind=family_type.COUNTER
             )
+        if interval is not None:
+            self._thread = threading.Thread(
+                target=self._loop, args=(interval,), name=f"kiln-metrics-{name}", daemon=True
+            )
+            self._thread.start()
 
-    def add(self, name: str, value: float, reason: str = "") -> None:
-        family = self._families.get(name)
-        if family is None or value <= 0:
+    @property
+    def enabled(self) -> bool:
+        """Whether the stub has Triton's metrics API (otherwise nothing is counted)."""
+        return bool(self._families)
+
+    def add(self, counts: Sequence[tuple[str, tuple[tuple[str, str], ...], float]]) -> None:
+        """Adds (family, labels, value) counts in memory; nothing is sent to Triton here."""
+        if not self._families:
             return
-        key = (name, reason)
-        metric = self._metrics.get(key)
-        if metric is None:
-            labels = {"model": self._model}
-            if reason:
-                labels["reason"] = reason
-            metric = self._metrics[key] = family.Metric(labels=labels)
-        metric.increment(value)
+        with self._lock:
+            pending = self._pending
+            for family, labels, value in counts:
+                key = (family, labels)
+                pending[key] = pending.get(key, 0.0) + value
+
+    def flush(self) -> None:
+        """Pushes the counts added since the last push to Triton (one increment per series)."""
+        with self._push_lock:
+            with self._lock:
+                pending, self._pending = self._pending, {}
+            for key, value in pending.items():
+                if value <= 0:
+                    continue
+                metric = self._metrics.get(key)
+                if metric is None:
+                    family, labels = key
+                    metric = self._metrics[key] = self._families[family].Metric(labels=dict(labels))
+                metric.increment(value)
+
+    def close(self) -> None:
+        """Stops the thread, then pushes what is left."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5.0)
+            self._thread = None
+        self.flush()
+
+    def _loop(self, interval: float) -> None:
+        while not self._stop.wait(interval):
+            try:
+                self.flush()
+            except Exception:  # metrics never take the model down (that push's counts are lost)
+                continue
+
+
+class StepCounters:
+    """The kiln_step_* counts of one served model (labels: model; failures also reason).
+
+    A batch's counts go into a `CounterBuffer` (pushed within `FLUSH_INTERVAL_S`), except that a
+    batch with a failed request is pushed at once, before its responses leave: failures are rare,
+    and an operator (or a test) who sees a request fail finds it, and every count before it, on
+    /metrics. The success path never waits for Triton.
+    """
+
+    def __init__(self, buffer: CounterBuffer, model: str) -> None:
+        self.buffer = buffer
+        self._labels = (("model", model),)
+        self._failure_labels: dict[str, tuple[tuple[str, str], ...]] = {}
+
+    def batch(self, requests: int, failures: Sequence[Exception], seconds: float) -> None:
+        """One execute over `requests` requests, of which `failures` failed, taking `seconds`."""
+        if not self.buffer.enabled:
+            return
+        labels = self._labels
+        counts = [
+            ("kiln_step_requests_total", labels, requests),
+            ("kiln_step_batches_total", labels, 1),
+            ("kiln_step_duration_us_total", labels, seconds * 1e6),
+        ]
+        for failure in failures:
+            reason = failure_reason(failure)
+            failure_labels = self._failure_labels.get(reason)
+            if failure_labels is None:
+                failure_labels = self._failure_labels[reason] = (*labels, ("reason", reason))
+            counts.append(("kiln_step_failures_total", failure_labels, 1))
+        self.buffer.add(counts)
+        if failures:
+            with contextlib.suppress(Exception):  # metrics never fail a batch (that push is lost)
+                self.buffer.flush()
+
+    def close(self) -> None:
+        """Pushes what is left and stops the thread (at finalize)."""
+        self.buffer.close()
 
 
 def python_model(load: Callable[[LoadContext], Step]) -> type:
@@ -202,31 +306,40 @@ def python_model(load: Callable[[LoadContext], Step]) -> type:
             )
             self.input_names = [t["name"] for t in config.get("input", ())]
             self.step = load(context)
-            self.metrics = _Metrics(pb_utils, context.model_name)
+            self.metrics = StepCounters(CounterBuffer(pb_utils, context.model_name), context.model_name)
 
         def execute(self, requests: list) -> list:
             start = time.perf_counter()
-            decoded = [read_inputs(r, self.input_names, pb_utils) for r in requests]
+            names = self.input_names
+            decoded = [read_inputs(r, names, pb_utils) for r in requests]
             try:
                 results = self.step.run(decoded)
             except Exception as error:  # the step itself failed: every request of the batch
                 failure = RuntimeError(f"step failed on a batch of {len(requests)}: {error}")
                 failure.__cause__ = error
                 results = [failure] * len(requests)
+            response_type, tensor_type = pb_utils.InferenceResponse, pb_utils.Tensor
             responses = []
+            failures: list[Exception] = []
             for result in results:
                 if isinstance(result, Exception):
-                    self.metrics.add("kiln_step_failures_total", 1, failure_reason(result))
-                    responses.append(pb_utils.InferenceResponse(error=to_error(result)))
+                    failures.append(result)
+                    responses.append(response_type(error=to_error(result)))
                 else:
-                    tensors = [pb_utils.Tensor(name, array) for name, array in result.items()]
-                    responses.append(pb_utils.InferenceResponse(output_tensors=tensors))
-            self.metrics.add("kiln_step_requests_total", len(requests))
-            self.metrics.add("kiln_step_batches_total", 1)
-            self.metrics.add("kiln_step_duration_us_total", (time.perf_counter() - start) * 1e6)
+                    tensors = [tensor_type(name, array) for name, array in result.items()]
+                    responses.append(response_type(output_tensors=tensors))
+            self.metrics.batch(len(requests), failures, time.perf_counter() - start)
             return responses
 
         def finalize(self) -> None:
+            # The counts still held in memory reach Triton: the step's own (a fused pipeline's
+            # per-step counters), then the model's.
+            close = getattr(getattr(self, "step", None), "close", None)
+            if callable(close):
+                close()
+            metrics = getattr(self, "metrics", None)
+            if metrics is not None:
+                metrics.close()
             self.step = None
 
     return TritonPythonModel

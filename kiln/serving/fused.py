@@ -32,14 +32,21 @@ from __future__ import annotations
 
 import importlib
 import json
-import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kiln.serving.adapter import METRICS, Inputs, LoadContext, Outputs, Step, failure_reason
+from kiln.serving.adapter import (
+    FLUSH_INTERVAL_S,
+    CounterBuffer,
+    Inputs,
+    LoadContext,
+    Outputs,
+    Step,
+    failure_reason,
+)
 from kiln.serving.errors import ModelLoadError, RequestError
 from kiln.serving.params import Param, ParamError, config_parameters, parse_params
 
@@ -62,8 +69,6 @@ so a client sees the same message whichever form serves the pipeline."""
 CONFIG_NAME = "config.pbtxt"
 NATIVE_ONNX_PLATFORM = "onnxruntime_onnx"
 ONNX_BACKEND = "kiln_onnx"
-FLUSH_INTERVAL_S = 1.0
-"""How often the per-step counters are pushed to Triton (see `StepMetrics`)."""
 
 
 @dataclass(frozen=True)
@@ -175,72 +180,45 @@ class StepMetrics:
     An increment of a Triton custom metric is a round trip from the stub to the server (about
     0.1 ms on this project's 2-core machines; in one run of benchmarks/fused.py, 9 increments per
     batch made the fused fraud_scorer's p50 1.7 ms instead of 0.9 ms). So `record` only adds to
-    counters in memory, and a daemon thread pushes what accumulated every `interval` seconds:
-    the request path pays a few dictionary additions, and the per-step series lag by up to
-    `interval`.
+    counters in memory (the adapter's `CounterBuffer`), and its thread pushes what accumulated
+    every `interval` seconds: the request path pays a few dictionary additions, and the per-step
+    series lag by up to `interval` (failures too: unlike the fused model's own series, which the
+    adapter pushes at once for a batch with a failure). `close` pushes what is left.
     """
 
     def __init__(self, pb_utils: Any, pipeline: str, interval: float | None = FLUSH_INTERVAL_S) -> None:
         self._pipeline = pipeline
-        self._families: dict[str, Any] = {}
-        self._metrics: dict[tuple[str, str, str], Any] = {}
-        self._pending: dict[tuple[str, str, str], float] = {}
-        self._lock = threading.Lock()
-        self._stop = threading.Event()
-        family_type = getattr(pb_utils, "MetricFamily", None)
-        if family_type is None:
-            return
-        for name, description in METRICS.items():
-            self._families[name] = family_type(
-                name=name, description=description, kind=family_type.COUNTER
-            )
-        if interval is not None:
-            thread = threading.Thread(
-                target=self._loop, args=(interval,), name=f"kiln-step-metrics-{pipeline}", daemon=True
-            )
-            thread.start()
+        self._buffer = CounterBuffer(pb_utils, f"{pipeline}-steps", interval)
+        self._labels: dict[tuple[str, str], tuple[tuple[str, str], ...]] = {}
+
+    def _labels_of(self, step: str, reason: str = "") -> tuple[tuple[str, str], ...]:
+        labels = self._labels.get((step, reason))
+        if labels is None:
+            labels = (("model", step), ("pipeline", self._pipeline))
+            if reason:
+                labels = (*labels, ("reason", reason))
+            self._labels[(step, reason)] = labels
+        return labels
 
     def record(self, step: str, requests: int, failures: Sequence[Exception], seconds: float) -> None:
         """One run of `step` over `requests` requests, of which `failures` failed."""
-        if not self._families:
+        if not self._buffer.enabled:
             return
-        with self._lock:
-            pending = self._pending
-            for key, value in (
-                (("kiln_step_requests_total", step, ""), requests),
-                (("kiln_step_batches_total", step, ""), 1),
-                (("kiln_step_duration_us_total", step, ""), seconds * 1e6),
-                *((("kiln_step_failures_total", step, failure_reason(f)), 1) for f in failures),
-            ):
-                pending[key] = pending.get(key, 0.0) + value
+        labels = self._labels_of(step)
+        self._buffer.add([
+            ("kiln_step_requests_total", labels, requests),
+            ("kiln_step_batches_total", labels, 1),
+            ("kiln_step_duration_us_total", labels, seconds * 1e6),
+            *(("kiln_step_failures_total", self._labels_of(step, failure_reason(f)), 1) for f in failures),
+        ])
 
     def flush(self) -> None:
         """Pushes the counts accumulated since the last flush to Triton."""
-        with self._lock:
-            pending, self._pending = self._pending, {}
-        for key, value in pending.items():
-            if value <= 0:
-                continue
-            metric = self._metrics.get(key)
-            if metric is None:
-                name, step, reason = key
-                labels = {"model": step, "pipeline": self._pipeline}
-                if reason:
-                    labels["reason"] = reason
-                metric = self._metrics[key] = self._families[name].Metric(labels=labels)
-            metric.increment(value)
+        self._buffer.flush()
 
     def close(self) -> None:
         """Stops the flushing thread after a last flush."""
-        self._stop.set()
-        self.flush()
-
-    def _loop(self, interval: float) -> None:
-        while not self._stop.wait(interval):
-            try:
-                self.flush()
-            except Exception:  # metrics never take the model down (that flush's counts are lost)
-                continue
+        self._buffer.close()
 
 
 class FusedStep:
@@ -273,6 +251,11 @@ class FusedStep:
         wrapped = kind(message, failure_reason(error), stage.model)
         wrapped.__cause__ = error
         return wrapped
+
+    def close(self) -> None:
+        """Pushes the per-step counts still held in memory (the adapter calls it at finalize)."""
+        if self.metrics is not None:
+            self.metrics.close()
 
     def run(self, requests: Sequence[Inputs]) -> list[Outputs | Exception]:
         """One result per request: the pipeline's outputs, or the error of the step that

@@ -415,11 +415,12 @@ class TabularStep:
         raw = parts[0] if len(parts) == 1 else np.concatenate(parts)
         standardized = self.stats.standardize(raw)
         finite = np.isfinite(standardized).all(axis=1)
+        all_finite = bool(finite.all())  # the common case: no per-request search for a bad row
         offset = 0
         for index, name, size in members:
             block = slice(offset, offset + size)
-            bad = np.flatnonzero(~finite[block])
-            if bad.size:
+            bad = () if all_finite else np.flatnonzero(~finite[block])
+            if len(bad):
                 row = offset + int(bad[0])
                 results[index] = self._bad_row(name, int(bad[0]), raw[row], standardized[row])
             else:

@@ -223,12 +223,12 @@ class ThresholdStep:
         validate_request(request, [self._contract], batched=True, reject_non_finite=True)
         array: np.ndarray = request[self.probability]  # type: ignore[assignment]
         low, high = PROBABILITY_RANGE
-        outside = np.flatnonzero((array < low) | (array > high))
-        if outside.size:
-            item = int(outside[0]) // array.shape[1]
+        outside = (array < low) | (array > high)
+        if outside.any():  # flatnonzero only on failure: this runs once per request
+            first = int(np.flatnonzero(outside)[0])
             raise RequestError(
-                f"input '{self.probability}' item {item} is {float(array.flat[outside[0]]):g}; a "
-                f"probability lies in {low:g}..{high:g}"
+                f"input '{self.probability}' item {first // array.shape[1]} is "
+                f"{float(array.flat[first]):g}; a probability lies in {low:g}..{high:g}"
             )
         return array
 

@@ -356,3 +356,32 @@ def test_each_step_is_counted_under_its_own_name_with_the_pipeline_label(server,
     assert server.metric("kiln_step_duration_us_total", model="fraud", pipeline=FUSED) > 0
     # The fused model as a whole, counted by the adapter, beside its steps.
     assert server.metric("kiln_step_requests_total", model=FUSED) >= 4
+
+
+def test_the_models_own_counts_arrive_within_the_interval_and_failures_at_once(server, held_out) -> None:
+    # The adapter counts in memory (no round trip to the server per batch) and a thread pushes
+    # the sums within FLUSH_INTERVAL_S; a batch with a failed request is pushed before its error
+    # leaves, with every count before it (kiln.serving.adapter.StepCounters).
+    time.sleep(FLUSH_INTERVAL_S + 0.5)  # the earlier tests' counts are pushed by now
+    requests_before = server.metric("kiln_step_requests_total", model=FUSED)
+    batches_before = server.metric("kiln_step_batches_total", model=FUSED)
+    failures_before = server.metric("kiln_step_failures_total", model=FUSED, reason="missing_feature")
+    client = client_of(server, "grpc")
+    try:
+        for _ in range(3):
+            infer(client, FUSED, [record_input(grpcclient, held_out[:2])])
+        with pytest.raises(InferenceServerException):
+            infer(client, FUSED, [record_input(grpcclient, [_without(held_out[0], "hour")])])
+        # No waiting: the failure and the three requests before it are on /metrics already.
+        assert server.metric("kiln_step_failures_total", model=FUSED, reason="missing_feature") == failures_before + 1
+        assert server.metric("kiln_step_requests_total", model=FUSED) == requests_before + 4
+        assert server.metric("kiln_step_batches_total", model=FUSED) == batches_before + 4
+        for _ in range(2):
+            infer(client, FUSED, [record_input(grpcclient, held_out[:1])])
+    finally:
+        client.close()
+    deadline = time.monotonic() + METRICS_WAIT_S
+    while server.metric("kiln_step_requests_total", model=FUSED) < requests_before + 6 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert server.metric("kiln_step_requests_total", model=FUSED) == requests_before + 6
+    assert server.metric("kiln_step_batches_total", model=FUSED) == batches_before + 6
