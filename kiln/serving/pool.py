@@ -2,10 +2,12 @@
 
 `MeanPool` averages each text's token embeddings over its real tokens (the attention mask's 1s;
 padding never enters) and, with `normalize` on, scales the mean to unit L2 norm. A dynamic batch
-is validated request by request, then the valid requests are grouped by sequence length (each
-request was padded to its own longest text, so lengths differ between requests) and each group
-is pooled in one vectorized call. A request whose mask holds a row of zeros (a text with no
-token to average) is that request's error, naming the item; the others are answered normally.
+is validated request by request, then the valid requests are grouped by sequence length (kiln_text
+pads each request to its longest text, or to that text's length bucket, so lengths may differ
+between requests) and each group is pooled in one vectorized call. Padding columns carry a mask
+of 0 and never enter the mean, so a text's embedding does not depend on how far it was padded.
+A request whose mask holds a row of zeros (a text with no token to average) is that request's
+error, naming the item; the others are answered normally.
 """
 
 from __future__ import annotations

@@ -56,6 +56,15 @@ TEXT_PARAMS: tuple[Param, ...] = (
         "cut texts longer than max_length tokens (keeping [SEP]); off: such a text is an error",
     ),
     Param("pad_token", "str", "[PAD]", "the token whose id pads the rows of a request"),
+    Param(
+        "length_buckets", "list", (),
+        "padded lengths, increasing, each 3..max_length (e.g. 16,32,64): a request is padded to "
+        "the smallest one holding its longest text (max_length is the last); absent: to its longest",
+    ),
+    Param(
+        "pad_batch", "bool", False,
+        "pad every request of a dynamic batch to one length: the bucket of the batch's longest text",
+    ),
 )
 """kiln_text's `parameters` (config.pbtxt), all optional."""
 
@@ -70,6 +79,8 @@ class TextParams:
     max_text_bytes: int
     truncation: bool
     pad_token: str
+    length_buckets: tuple[str, ...]
+    pad_batch: bool
 
 
 class TextInputError(RequestError):
@@ -173,6 +184,50 @@ def configure(tokenizer: Tokenizer, max_length: int, truncation: bool, pad_token
     return local
 
 
+def parse_buckets(values: Sequence[str], max_length: int) -> tuple[int, ...]:
+    """The parameter `length_buckets` as padded lengths, `max_length` always the last one; () when
+    the parameter is absent (each request padded to its own longest text).
+
+    Args:
+        values: The comma-separated items of the parameter.
+        max_length: The longest token sequence; a bucket above it could never be filled.
+
+    Raises:
+        TextLoadError: an item is not an integer, is below 3 or above `max_length`, or the items
+            are not strictly increasing.
+    """
+    buckets: list[int] = []
+    for item in values:
+        try:
+            bucket = int(item)
+        except ValueError:
+            raise TextLoadError(
+                f"parameter 'length_buckets' must hold integers, got {item!r} in {','.join(values)!r}"
+            ) from None
+        if not MIN_MAX_LENGTH <= bucket <= max_length:
+            raise TextLoadError(
+                f"parameter 'length_buckets' holds {bucket}; each bucket must be between "
+                f"{MIN_MAX_LENGTH} and max_length {max_length}"
+            )
+        if buckets and bucket <= buckets[-1]:
+            raise TextLoadError(
+                f"parameter 'length_buckets' must be strictly increasing, got {','.join(values)!r}"
+            )
+        buckets.append(bucket)
+    if buckets and buckets[-1] != max_length:
+        buckets.append(max_length)
+    return tuple(buckets)
+
+
+def bucket_of(longest: int, buckets: Sequence[int]) -> int:
+    """The smallest bucket holding `longest` tokens; `longest` itself when none does (no buckets,
+    or a text over max_length with truncation off, which is refused anyway)."""
+    for bucket in buckets:
+        if longest <= bucket:
+            return bucket
+    return longest
+
+
 def real_tokens(encoding: Encoding) -> int:
     """Tokens of an encoding that are neither special ([CLS], [SEP]) nor padding."""
     return sum(
@@ -183,15 +238,19 @@ def real_tokens(encoding: Encoding) -> int:
 class TextTokenizer:
     """kiln_text: TEXT (BYTES [batch, 1], UTF-8) -> input_ids, attention_mask (INT64 [batch, seq]).
 
-    `seq` is the token count of the request's longest text (never above `max_length`); shorter rows
-    are padded with the [PAD] id and a mask of 0. A dynamic batch of requests is tokenized in one
-    `encode_batch` call; a bad text fails its own request (naming the item), never the batch.
+    `seq` is the token count of the request's longest text (never above `max_length`), rounded up
+    to its length bucket when `length_buckets` is set (to the batch's longest, with `pad_batch`);
+    shorter rows are padded with the [PAD] id and a mask of 0. A dynamic batch of requests is
+    tokenized in one `encode_batch` call; a bad text fails its own request (naming the item),
+    never the batch.
     """
 
     def __init__(self, tokenizer: Tokenizer, params: TextParams, model_name: str = "kiln_text") -> None:
         self.params = params
         self.model_name = model_name
         self.tokenizer = configure(tokenizer, params.max_length, params.truncation, params.pad_token)
+        self.pad_id = int(self.tokenizer.token_to_id(params.pad_token))
+        self.buckets = parse_buckets(params.length_buckets, params.max_length)
 
     @classmethod
     def from_file(cls, path: Path | str, params: TextParams, model_name: str = "kiln_text") -> TextTokenizer:
@@ -241,6 +300,7 @@ class TextTokenizer:
             return results
         ids, mask, counts = self.encode(texts)
         lengths = mask.sum(axis=1)
+        good: list[tuple[int, slice, int]] = []  # (request, its rows, its padded length)
         for index, first, count in spans:
             rows = slice(first, first + count)
             try:
@@ -248,12 +308,29 @@ class TextTokenizer:
             except TextInputError as error:
                 results[index] = error
                 continue
-            seq = int(lengths[rows].max())
+            good.append((index, rows, bucket_of(int(lengths[rows].max()), self.buckets)))
+        if self.params.pad_batch and good:
+            widest = max(seq for _, _, seq in good)
+            good = [(index, rows, widest) for index, rows, _ in good]
+        ids, mask = self._widened(ids, mask, max((seq for _, _, seq in good), default=0))
+        for index, rows, seq in good:
             results[index] = {
                 tensors.TEXT_INPUT_IDS: np.ascontiguousarray(ids[rows, :seq]),
                 tensors.TEXT_ATTENTION_MASK: np.ascontiguousarray(mask[rows, :seq]),
             }
         return results
+
+    def _widened(self, ids: np.ndarray, mask: np.ndarray, width: int) -> tuple[np.ndarray, np.ndarray]:
+        """`ids` and `mask` with [PAD] / 0 columns appended up to `width` (a bucket may be longer
+        than the batch's longest text); unchanged when they are already that wide."""
+        extra = width - ids.shape[1]
+        if extra <= 0:
+            return ids, mask
+        rows = ids.shape[0]
+        return (
+            np.concatenate([ids, np.full((rows, extra), self.pad_id, dtype=ids.dtype)], axis=1),
+            np.concatenate([mask, np.zeros((rows, extra), dtype=mask.dtype)], axis=1),
+        )
 
     def _check_tokens(self, lengths: np.ndarray, counts: Sequence[int]) -> None:
         for item, (length, count) in enumerate(zip(lengths, counts, strict=True)):

@@ -24,8 +24,10 @@ from kiln.serving.text import (
     TextLoadError,
     TextParams,
     TextTokenizer,
+    bucket_of,
     check_config,
     load,
+    parse_buckets,
 )
 from kiln.spec import validate
 
@@ -173,6 +175,103 @@ def test_the_references_prepared_encoder_equals_encode(tokenizer) -> None:
             np.testing.assert_array_equal(got, want)
 
 
+# -- length buckets: requests of different lengths leave in a few shapes -----------------------------
+
+BUCKETS = "16,32,64"
+
+
+def bucketed(tokenizer_file: Path, **overrides: str) -> TextTokenizer:
+    return TextTokenizer.from_file(tokenizer_file, params(**{"length_buckets": BUCKETS, **overrides}))
+
+
+def test_each_request_is_padded_to_the_smallest_bucket_holding_its_longest_text(tokenizer_file, tokenizer) -> None:
+    step = bucketed(tokenizer_file)
+    assert step.buckets == (16, 32, 64, MAX_LENGTH)  # max_length is always the last bucket
+    groups = [TEXTS[6:7], TEXTS[0:1], TEXTS[2:5], TEXTS[1:2], (LONG[:150],), (LONG[:300],)]
+    for group, result in zip(groups, step.run([request(*g) for g in groups]), strict=True):
+        ids, mask = outputs(result)
+        want_ids, want_mask = te.encode(tokenizer, group, MAX_LENGTH)  # the unpadded encoding
+        longest = want_ids.shape[1]
+        seq = min(b for b in step.buckets if b >= longest)
+        assert ids.shape == mask.shape == (len(group), seq), (group, longest)
+        np.testing.assert_array_equal(ids[:, :longest], want_ids)
+        np.testing.assert_array_equal(mask[:, :longest], want_mask)
+        assert (ids[:, longest:] == te.PAD_ID).all() and (mask[:, longest:] == 0).all()
+    shapes = {outputs(r)[0].shape[1] for r in step.run([request(t) for t in TEXTS])}
+    assert shapes <= set(step.buckets) and len(shapes) < len(TEXTS)
+
+
+def test_a_bucket_wider_than_every_text_of_the_batch_is_padded_with_pad_and_zero_mask(tokenizer_file, tokenizer) -> None:
+    ids, mask = outputs(bucketed(tokenizer_file, length_buckets="40").run([request("x", "tiny")])[0])
+    want_ids, want_mask = te.encode(tokenizer, ["x", "tiny"], MAX_LENGTH)
+    assert ids.shape == (2, 40) and want_ids.shape[1] < 40
+    np.testing.assert_array_equal(ids[:, : want_ids.shape[1]], want_ids)
+    np.testing.assert_array_equal(mask[:, : want_ids.shape[1]], want_mask)
+    assert (ids[:, want_ids.shape[1] :] == te.PAD_ID).all() and not mask[:, want_ids.shape[1] :].any()
+
+
+def test_pad_batch_gives_every_request_of_a_batch_the_bucket_of_its_longest_text(tokenizer_file, tokenizer) -> None:
+    step = bucketed(tokenizer_file, pad_batch="true")
+    results = step.run([request("x"), request(""), request(TEXTS[0], TEXTS[2]), request(TEXTS[4])])
+    assert isinstance(results[1], TextInputError)  # a bad request still fails alone
+    longest = max(te.encode(tokenizer, [t], MAX_LENGTH)[0].shape[1] for t in ("x", *TEXTS[0:5:2]))
+    seq = min(b for b in step.buckets if b >= longest)
+    for index, texts in ((0, ("x",)), (2, (TEXTS[0], TEXTS[2])), (3, (TEXTS[4],))):
+        ids, mask = outputs(results[index])
+        want_ids, want_mask = te.encode(tokenizer, texts, MAX_LENGTH)
+        assert ids.shape == (len(texts), seq)
+        np.testing.assert_array_equal(ids[:, : want_ids.shape[1]], want_ids)
+        np.testing.assert_array_equal(mask[:, : want_ids.shape[1]], want_mask)
+        assert not mask[:, want_ids.shape[1]:].any()
+
+
+def test_pad_batch_without_buckets_pads_to_the_batchs_longest_text(tokenizer_file, tokenizer) -> None:
+    step = TextTokenizer.from_file(tokenizer_file, params(pad_batch="true"))
+    results = step.run([request("x"), request(TEXTS[4])])
+    width = te.encode(tokenizer, [TEXTS[4]], MAX_LENGTH)[0].shape[1]
+    assert [outputs(r)[0].shape for r in results] == [(1, width), (1, width)]
+
+
+def test_with_buckets_a_truncation_off_error_still_fails_its_own_request(tokenizer_file) -> None:
+    strict = TextTokenizer.from_file(
+        tokenizer_file, params(max_length="8", truncation="false", length_buckets="3")
+    )
+    results = strict.run([request("tiny", LONG), request("x")])
+    assert isinstance(results[0], TextInputError) and "item 1 is" in str(results[0])
+    assert "over max_length 8, and truncation is off" in str(results[0])
+    assert outputs(results[1])[0].shape == (1, 3)  # [CLS] x [SEP] fills the bucket 3
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("16,abc", r"parameter 'length_buckets' must hold integers, got 'abc' in '16,abc'"),
+        ("2,16", r"parameter 'length_buckets' holds 2; each bucket must be between 3 and max_length 128"),
+        ("16,256", r"parameter 'length_buckets' holds 256; each bucket must be between 3 and max_length 128"),
+        ("32,16", r"parameter 'length_buckets' must be strictly increasing, got '32,16'"),
+        ("16,16", r"parameter 'length_buckets' must be strictly increasing, got '16,16'"),
+    ],
+    ids=["not-an-integer", "below-3", "over-max-length", "decreasing", "repeated"],
+)
+def test_bad_length_buckets_fail_the_load_naming_the_parameter(tokenizer_file, value: str, message: str) -> None:
+    with pytest.raises(TextLoadError, match=rf"model 'tok': {message}"):
+        TextTokenizer.from_file(tokenizer_file, params(length_buckets=value), "tok")
+
+
+def test_bucket_parameters_parse_and_malformed_ones_are_param_errors() -> None:
+    assert params().length_buckets == () and params().pad_batch is False
+    assert params(length_buckets=" 16, 32 ,64").length_buckets == ("16", "32", "64")
+    assert parse_buckets(("16", "32", "64"), 128) == (16, 32, 64, 128)
+    assert parse_buckets(("16", "128"), 128) == (16, 128)
+    assert parse_buckets((), 128) == ()
+    assert [bucket_of(n, (16, 32, 128)) for n in (3, 16, 17, 33, 128)] == [16, 16, 32, 128, 128]
+    assert bucket_of(7, ()) == 7 and bucket_of(200, (16, 128)) == 200
+    with pytest.raises(ParamError, match=r"parameter 'length_buckets' must be a comma-separated list, got ' , '"):
+        params(length_buckets=" , ")
+    with pytest.raises(ParamError, match=r"parameter 'pad_batch' must be true or false, got 'maybe'"):
+        params(pad_batch="maybe")
+
+
 # -- bad texts: each fails its own request, naming the item ----------------------------------------
 
 LIMIT = 64
@@ -245,7 +344,7 @@ def test_params_defaults_and_errors() -> None:
         params(max_length="2")
     with pytest.raises(ParamError, match=r"parameter 'max_text_bytes' must be an integer >= 1, got 'lots'"):
         params(max_text_bytes="lots")
-    with pytest.raises(ParamError, match=r"unknown parameter 'lowercase'; allowed: max_length"):
+    with pytest.raises(ParamError, match=r"unknown parameter 'lowercase'; allowed: length_buckets, max_length"):
         params(lowercase="true")
 
 
