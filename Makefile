@@ -6,8 +6,10 @@ KILN := $(VENV)/bin/kiln
 PYTEST_ARGS ?=
 LOADTEST_ARGS ?=
 BENCH_ARGS ?=
+MODEL ?=
+TUNE_ARGS ?=
 
-.PHONY: setup generate check-generated build-engines serve test test-unit test-integration test-numeric-variation loadtest bench soak lint clean
+.PHONY: setup generate check-generated build-engines serve test test-unit test-integration test-numeric-variation loadtest bench tune soak lint clean
 
 setup:  ## create .venv and install kiln with every extra, Debian packages included
 	@scripts/setup.sh
@@ -42,6 +44,14 @@ loadtest: build-engines  ## load-test suites (steady, step, spike) against a ser
 
 bench: build-engines  ## kiln vs the in-process pipeline and FastAPI + PyTorch, side by side; results/bench-<UTC>-<commit>/
 	$(PY) -m benchmarks.run $(BENCH_ARGS)
+
+ifneq ($(filter tune,$(MAKECMDGOALS)),)
+ifeq ($(MODEL),)
+$(error usage: make tune MODEL=<served model> [TUNE_ARGS='--form fused --write'])
+endif
+endif
+tune: build-engines  ## sweep MODEL's dynamic batching with perf_analyzer, choose by a stated rule: make tune MODEL=fraud TUNE_ARGS=--write
+	$(PY) -m kiln.cli tune $(MODEL) $(TUNE_ARGS)
 
 soak: build-engines  ## the 10-minute soak at 70% of measured capacity (CI runs a 25 s form in make test)
 	KILN_SOAK_SECONDS=600 $(PY) -m pytest -s -m soak tests/integration/test_reliability_soak.py

@@ -6,6 +6,7 @@ One module per subcommand, each with its `add_<command>_command(subparsers)` and
     build     `kiln build`: the build pipeline (`kiln.build.pipeline.build`) from the command line
     serve     `kiln serve`: the embedded tritonserver until Ctrl-C, watching its backend stubs
     add       `kiln add`: a model folder from an ONNX file or a PyTorch factory (`kiln.byom`)
+    tune      `kiln tune`: sweep a model's dynamic batching with perf_analyzer (`kiln.tune`)
 
 `served_specs()` is the one place the CLI learns which specs kiln serves. `python -m kiln.cli`
 runs the command too.
@@ -32,7 +33,7 @@ def served_specs() -> tuple[Spec, ...]:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of `kiln` with every subcommand registered."""
-    from kiln.cli import add, build, generate, serve
+    from kiln.cli import add, build, generate, serve, tune
 
     parser = argparse.ArgumentParser(
         prog="kiln", description="Build, quantize and serve PyTorch models on Triton."
@@ -42,6 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_build_command(subparsers)
     serve.add_demo_flag(serve.add_serve_command(subparsers))
     add.add_add_command(subparsers)
+    tune.add_tune_command(subparsers)
     return parser
 
 
