@@ -22,12 +22,16 @@ FALLBACK_SHARE = 0.8
 
 def rate_held(run: Any, rate: float, p99_limit_ms: float, min_delivered: float) -> bool:
     """A probe at `rate` held: nothing failed, p99 within the limit, and at least `min_delivered`
-    of the rate completed (no silent backlog). `run` has failures, p99_ms and throughput."""
+    of the rate completed (no silent backlog), less one request when the run says its window
+    (`window_s`): a window of 1.5 s at 12.5/s schedules 18.75 requests, and 18 complete. `run`
+    has failures, p99_ms and throughput."""
+    window = getattr(run, "window_s", None) or 0.0
+    slack = 1.0 / window if window > 0 else 0.0
     return (
         run.failures == 0
         and run.p99_ms is not None
         and run.p99_ms <= p99_limit_ms
-        and run.throughput >= min_delivered * rate
+        and run.throughput >= min_delivered * rate - slack
     )
 
 
@@ -158,3 +162,96 @@ def verify(
         if outcome.verified:
             break
     return outcome
+
+
+GENERATOR_MAX_DELAYED = 0.01
+"""perf_analyzer kept up with a rate when it sent at most this share of the requests late."""
+
+
+def perf_rate_held(result: Any, rate: float, p99_limit_ms: float, min_delivered: float) -> bool:
+    """A perf_analyzer probe (`benchmarks.perf.PerfResult`, rate mode) held `rate`: a figure, p99
+    within the limit, at least `min_delivered` of the rate completed, and the generator itself
+    kept up (else the probe measured perf_analyzer, not the server: `generator_limited`)."""
+    return (
+        result.error is None
+        and result.throughput is not None
+        and result.p99_ms is not None
+        and result.p99_ms <= p99_limit_ms
+        and result.throughput >= min_delivered * rate
+        and not generator_limited(result, rate, min_delivered, p99_limit_ms)
+    )
+
+
+def generator_limited(result: Any, rate: float, min_delivered: float, p99_limit_ms: float) -> bool:
+    """Whether the generator, not the server, failed the rate: its own send rate fell short of
+    `min_delivered` of the rate, or it sent more than GENERATOR_MAX_DELAYED of the requests late
+    while the p99 was within the limit (a p99 that hides late sends cannot be trusted; a p99 over
+    the limit is the server's miss either way: late sends only shorten the measured latency).
+    A loadgen `Run` has neither figure: never."""
+    delayed = getattr(result, "delayed_share", None)
+    send_rate = getattr(result, "send_rate", None)
+    p99 = getattr(result, "p99_ms", None)
+    server_missed = p99 is not None and p99 > p99_limit_ms
+    return bool(
+        (send_rate is not None and send_rate < min_delivered * rate)
+        or (delayed is not None and delayed > GENERATOR_MAX_DELAYED and not server_missed)
+    )
+
+
+@dataclass(frozen=True)
+class Capacity:
+    """One capacity search's outcome, stated so that a 0 is never "unmeasured".
+
+    Attributes:
+        model: The model searched.
+        generator: "perf_analyzer" or "loadgen" (the Python open-loop generator).
+        rate: The highest rate that held (0.0: none did, see `note`).
+        high: The lowest rate above it that did not hold; None when every rate probed held.
+        limited: Whether the rate that did not hold failed because of the generator (it could not
+            offer that rate), not the server: then `rate` is a lower bound of the server's capacity.
+        probes: Every probe: rate, held, generator_limited and the measurement's figures.
+        note: One line saying what the figure means.
+    """
+
+    model: str
+    generator: str
+    rate: float
+    high: float | None
+    limited: bool
+    probes: tuple[dict[str, Any], ...]
+    note: str
+
+    def to_json(self) -> dict[str, Any]:
+        """A JSON-ready dict."""
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.__dict__.items()}
+
+
+def summarize(
+    model: str,
+    generator: str,
+    bracket: Bracket,
+    limited: Callable[[Probe], bool],
+    to_json: Callable[[Any], dict[str, Any]],
+) -> Capacity:
+    """The `Capacity` of a finished search; `limited(probe)` says whether a probe failed because of
+    the generator, `to_json(result)` turns a probe's measurement into figures."""
+    probes = tuple(
+        {"rate": p.rate, "held": p.held, "generator_limited": not p.held and limited(p), **to_json(p.result)}
+        for p in bracket.probes
+    )
+    failed_at = next((p for p in bracket.probes if p.rate == bracket.high and not p.held), None)
+    by_generator = failed_at is not None and limited(failed_at)
+    if not bracket.found:
+        lowest = min((p.rate for p in bracket.probes), default=0.0)
+        cause = "the generator could not offer it" if by_generator else "the server missed the limit there"
+        note = f"no rate held down to {lowest:.0f}/s ({cause}): measured, not 0 for want of a measurement"
+    elif bracket.high is None:
+        note = f"every rate probed held up to {bracket.low:.0f}/s (the search's bound): a lower bound"
+    elif by_generator:
+        note = (
+            f"{bracket.low:.0f}/s held; at {bracket.high:.0f}/s {generator} could not offer the rate "
+            "(the generator's ceiling, not the server's): a lower bound of the capacity"
+        )
+    else:
+        note = f"{bracket.low:.0f}/s held; {bracket.high:.0f}/s did not (the server missed the limit)"
+    return Capacity(model, generator, bracket.low, bracket.high, by_generator, probes, note)

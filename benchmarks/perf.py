@@ -41,6 +41,10 @@ _LATENCY = re.compile(
     r"(?P<output>\d+) usec|compute (?P<compute>\d+) usec)\)"
 )
 _COUNTS = re.compile(r"Inference count: (?P<inferences>\d+)\s+Execution count: (?P<executions>\d+)")
+_SEND_RATE = re.compile(r"Avg send request rate: ([\d.]+) infer/sec")
+_DELAYED = re.compile(
+    r"not able to keep up with the desired request rate\. ([\d.]+)% of the requests were delayed"
+)
 
 
 def binary() -> Path:
@@ -126,6 +130,10 @@ class PerfResult:
         server: The server-side time of the model itself.
         composing: For an ensemble, each composing model's server-side time.
         generator_cpu: perf_analyzer's CPU share of the machine over its run.
+        send_rate: Rate mode: the rate perf_analyzer actually sent at (its "Avg send request rate",
+            which perf_analyzer 2.51 prints only when it fell behind); None when not printed.
+        delayed_share: Rate mode: the share of requests perf_analyzer itself sent late (its warning
+            "not able to keep up with the desired request rate"); 0.0 without the warning.
         wall_s: How long it ran.
         command: Its command line.
         error: Why there is no figure, when there is none.
@@ -142,6 +150,8 @@ class PerfResult:
     server: StepTime | None = None
     composing: list[StepTime] = field(default_factory=list)
     generator_cpu: float | None = None
+    send_rate: float | None = None
+    delayed_share: float | None = None
     wall_s: float = 0.0
     command: list[str] = field(default_factory=list)
     error: str | None = None
@@ -180,6 +190,11 @@ def parse_output(model: str, text: str, result: PerfResult) -> None:
     block = complete[-1]
     throughput = re.search(r"Throughput: ([\d.]+) infer/sec", block)
     result.throughput = float(throughput.group(1)) if throughput else None
+    if result.mode == "rate":
+        send_rate = _SEND_RATE.search(block)
+        result.send_rate = float(send_rate.group(1)) if send_rate else None
+        delayed = _DELAYED.search(block)
+        result.delayed_share = float(delayed.group(1)) / 100 if delayed else 0.0
     for q in (50, 90, 95, 99):
         found = re.search(rf"p{q} latency: (\d+) usec", block)
         if found:

@@ -26,6 +26,17 @@ def _pct(value: Any) -> str:
     return "-" if value is None else f"{value:.0%}"
 
 
+def _x(value: Any) -> str:
+    return "-" if value is None else f"{value:.2f}x"
+
+
+def vs_floor(ratios: dict[str, Any] | None) -> str:
+    """A figure's ratios to the floor's: "throughput / p50 / p99" (see `benchmarks.run.add_floor_ratios`)."""
+    if not ratios:
+        return "-"
+    return " / ".join(_x(ratios.get(k)) for k in ("throughput", "p50_ms", "p99_ms"))
+
+
 def verdict(target: dict[str, Any]) -> str:
     """PASS, MISS or NOT RUN (a report-only target: REPORTED when its figure was verified)."""
     if target.get("passed") is None:
@@ -38,14 +49,15 @@ def verdict(target: dict[str, Any]) -> str:
 def targets_table(results: dict[str, Any]) -> str:
     """One row per target: what was asked, what was measured, the ratio, the verdict."""
     lines = [
-        "| # | comparison | target | measured | ratio | verdict | generator CPU share |",
-        "| ---: | --- | --- | --- | ---: | --- | ---: |",
+        "| # | comparison | target | measured | ratio | vs floor | verdict | generator CPU share |",
+        "| ---: | --- | --- | --- | ---: | ---: | --- | ---: |",
     ]
     for t in results["targets"]:
         generator = t.get("generator", "kiln load generator")
         lines.append(
             f"| {t['number']} | {t['title']} | {t['target']} | {t['measured']} | "
-            f"{_num(t.get('ratio'), 2)} | {verdict(t)} | {_pct(t.get('generator_cpu'))} ({generator}) |"
+            f"{_num(t.get('ratio'), 2)} | {_x(t.get('floor_ratio'))} | {verdict(t)} | "
+            f"{_pct(t.get('generator_cpu'))} ({generator}) |"
         )
         extra = t.get("extra") or {}
         if t["number"] == 2 and extra.get("fp32_ratio") is not None:
@@ -53,7 +65,8 @@ def targets_table(results: dict[str, Any]) -> str:
             p99s += f"{_num(extra.get('p99_baseline_ms'))} ms"
             lines.append(
                 f"| 2' | FP32 against FP32 (the serving gain alone) | reported | {p99s} | "
-                f"{_num(extra['fp32_ratio'], 2)} | REPORTED | {_pct(t.get('generator_cpu'))} ({generator}) |"
+                f"{_num(extra['fp32_ratio'], 2)} | - | REPORTED | "
+                f"{_pct(t.get('generator_cpu'))} ({generator}) |"
             )
     return "\n".join(lines)
 
@@ -62,8 +75,8 @@ def cells_table(cells: list[dict[str, Any]]) -> str:
     """Every measured cell: medians over the repeats, throughput range, CPU shares."""
     lines = [
         "| cell | system | transport | load | throughput /s (median [min-max]) | p50 ms | p95 ms | p99 ms | "
-        "requests | failures | generator CPU | server CPU |",
-        "| --- | --- | --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "vs floor (throughput / p50 / p99) | requests | failures | generator CPU | server CPU |",
+        "| --- | --- | --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for cell in cells:
         m = cell.get("median") or {}
@@ -78,7 +91,8 @@ def cells_table(cells: list[dict[str, Any]]) -> str:
             f"| `{cell['id']}` | {cell['system']} | {cell['transport']} | {load} | "
             f"{_num(m.get('throughput'))} [{_num(m.get('throughput_min'))}-{_num(m.get('throughput_max'))}]"
             f"{errors} | {_num(m.get('p50_ms'))} | {_num(m.get('p95_ms'))} | {_num(m.get('p99_ms'))} | "
-            f"{m.get('requests', '-')} | {m.get('failures', '-')} | {_pct(m.get('generator_cpu'))} | "
+            f"{vs_floor(cell.get('vs_floor'))} | {m.get('requests', '-')} | {m.get('failures', '-')} | "
+            f"{_pct(m.get('generator_cpu'))} | "
             f"{_pct(m.get('server_cpu'))} |"
         )
     return "\n".join(lines)
@@ -88,10 +102,9 @@ def perf_table(results: dict[str, Any]) -> str:
     """perf_analyzer's figures beside the kiln generator's for the same system and load."""
     cells = {c["id"]: c for c in results["cells"]}
     lines = [
-        "| run | model | load | perf_analyzer /s | p99 ms | kiln generator /s (same cell) | "
-        "perf_analyzer / kiln | "
-        "perf_analyzer CPU |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| run | model | load | perf_analyzer /s | p50 ms | p99 ms | vs floor (throughput / p50 / p99) | "
+        "kiln generator /s (same cell) | perf_analyzer / kiln | perf_analyzer CPU |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for entry in results["perf_analyzer"]:
         load = f"c={entry['level']:g}" if entry["mode"] == "concurrency" else f"{entry['level']:.0f}/s"
@@ -101,7 +114,8 @@ def perf_table(results: dict[str, Any]) -> str:
             _num(entry.get("throughput")) if not entry.get("error") else f"no figure: {entry['error'][:120]}"
         )
         lines.append(
-            f"| `{entry['id']}` | {entry['model']} | {load} | {shown} | {_num(entry.get('p99_ms'))} | "
+            f"| `{entry['id']}` | {entry['model']} | {load} | {shown} | {_num(entry.get('p50_ms'), 2)} | "
+            f"{_num(entry.get('p99_ms'), 2)} | {vs_floor(entry.get('vs_floor'))} | "
             f"{_num(mine)} | {_num(ratio, 2)} | {_pct(entry.get('generator_cpu'))} |"
         )
     return "\n".join(lines)
@@ -110,10 +124,14 @@ def perf_table(results: dict[str, Any]) -> str:
 def ensembles_section(results: dict[str, Any]) -> str:
     """Per ensemble: throughput against its slowest step alone; per step: server-side time."""
     parts = []
+    runs = {p["id"]: p for p in results.get("perf_analyzer", [])}
     for e in results["ensembles"]:
+        floor_ratios = vs_floor((runs.get(e.get("perf_id") or "") or {}).get("vs_floor"))
         parts.append(
-            f"**{e['ensemble']}** at concurrency {e['concurrency']}: {_num(e['throughput'])}/s, p99 "
-            f"{_num(e['p99_ms'])} ms; slowest step alone: {e['slowest_step']} at "
+            f"**{e['ensemble']}** ({e.get('form', 'ensemble')} form) at concurrency {e['concurrency']}: "
+            f"{_num(e['throughput'])}/s, p99 "
+            f"{_num(e['p99_ms'])} ms (vs floor, throughput / p50 / p99: {floor_ratios}); slowest step alone: "
+            f"{e['slowest_step']} at "
             f"{_num(e['slowest_throughput'])}/s; ratio {_num(e['ratio'], 2)}. Server-side time per request: "
             f"ensemble {_num(e['server_total_us'], 0)} us, "
             f"sum of its steps {_num(e['steps_total_us'], 0)} us.\n"
@@ -137,24 +155,85 @@ def ensembles_section(results: dict[str, Any]) -> str:
 
 
 def capacity_section(results: dict[str, Any]) -> str:
-    """The capacity search's probes."""
+    """The capacity searches: perf_analyzer's of the floor and of the model, the Python
+    generator's ceiling (against the floor) and its cross-check of the model; every probe."""
     cap = results.get("capacity") or {}
     if not cap:
         return "Not run.\n"
-    lines = [
-        f"Search (open loop, {cap['model']}, gRPC; a rate is held when p99 <= {cap['p99_limit_ms']:g} ms, no "
-        f"failure and >= 97% of it delivered): capacity {_num(cap['rate'], 0)}/s, "
-        f"bracket {cap['bracket']}.\n",
-        "| offered /s | delivered /s | p50 ms | p99 ms | failures | generator CPU | server CPU | held |",
-        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
+    searches = [
+        ("perf_analyzer", "the floor", (cap.get("perf_analyzer") or {}).get("floor")),
+        ("perf_analyzer", cap["model"], (cap.get("perf_analyzer") or {}).get("model")),
+        ("Python generator (its ceiling)", "the floor", cap.get("python_ceiling")),
+        ("Python generator (cross-check)", cap["model"], cap.get("python")),
     ]
-    for p in cap["probes"]:
+    lines = [
+        f"Open loop, gRPC; a rate is held when p99 <= {cap['p99_limit_ms']:g} ms, nothing fails, >= "
+        f"{cap.get('min_delivered', 0.97):.0%} of it is delivered and the generator kept up with it "
+        "(perf_analyzer sent <= 1% of the requests late). Doubling from the start rate, then bisection.\n",
+    ]
+    for generator, what, found in searches:
+        if not found:
+            continue
+        lines += [
+            f"**{generator}, {what}**: {_num(found.get('rate'), 0)}/s: {found.get('note', '')}\n",
+            *_probes(found),
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def _probes(found: dict[str, Any]) -> list[str]:
+    """One search's probes as a table."""
+    lines = [
+        "| offered /s | delivered /s | p50 ms | p99 ms | generator CPU | generator late | held |",
+        "| ---: | ---: | ---: | ---: | ---: | ---: | --- |",
+    ]
+    for p in found.get("probes", []):
+        held = "yes" if p["held"] else ("no (the generator)" if p.get("generator_limited") else "no")
+        if p.get("error"):
+            held += f": {str(p['error'])[:80]}"
         lines.append(
-            f"| {p['rate']:.0f} | {_num(p['throughput'])} | {_num(p['p50_ms'])} | {_num(p['p99_ms'])} | "
-            f"{p['failures']} | {_pct(p['generator_cpu'])} | {_pct(p['server_cpu'])} | "
-            f"{'yes' if p['held'] else 'no'} |"
+            f"| {p['rate']:.0f} | {_num(p.get('throughput'))} | {_num(p.get('p50_ms'), 2)} | "
+            f"{_num(p.get('p99_ms'), 2)} | {_pct(p.get('generator_cpu'))} | {_pct(p.get('delayed_share'))} | "
+            f"{held} |"
+        )
+    return [*lines, ""]
+
+
+def forms_section(results: dict[str, Any]) -> str:
+    """Each pipeline in both forms against the floor (perf_analyzer): which form is faster."""
+    rows = results.get("forms") or []
+    if not rows:
+        return "Not run.\n"
+    lines = [
+        "| pipeline | form | served as | p50 ms (c=1) | p99 ms (c=1) | p50 / floor | p99 / floor | "
+        "throughput /s | at c | throughput / floor | faster form (p50; throughput) |",
+        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
+    ]
+    for r in rows:
+        form = f"{r['form']}{' (default)' if r['default'] else ''}"
+        lines.append(
+            f"| {r['pipeline']} | {form} | `{r['model']}` | {_num(r['p50_ms'], 2)} | "
+            f"{_num(r['p99_ms'], 2)} | {_x(r['p50_vs_floor'])} | {_x(r['p99_vs_floor'])} | "
+            f"{_num(r['throughput'])} | {r['concurrency']} | "
+            f"{_x(r['throughput_vs_floor'])} | {r['faster_p50']}; {r['faster_throughput']} |"
         )
     return "\n".join(lines) + "\n"
+
+
+def text_section(results: dict[str, Any]) -> str:
+    """Targets 8 and 9's figures."""
+    t = results.get("text") or {}
+    if not t:
+        return "Not run.\n"
+    return (
+        f"Mixed lengths: {_num(t['mixed']['throughput'])}/s, p50 {_num(t['mixed']['p50_ms'], 2)} ms, p99 "
+        f"{_num(t['mixed']['p99_ms'], 2)} ms; one text ({t['single_text']}): "
+        f"{_num(t['single']['throughput'])}/s, "
+        f"p50 {_num(t['single']['p50_ms'], 2)} ms, p99 {_num(t['single']['p99_ms'], 2)} ms. "
+        f"{t['batch_model']}: {t['inferences']} inferences in {t['executions']} executions over the "
+        "mixed runs "
+        f"(average batch {_num(t['average_batch'])}).\n"
+    )
 
 
 def vnni_note(machine: dict[str, Any]) -> str:
@@ -207,7 +286,7 @@ def _head(results: dict[str, Any]) -> list[str]:
 def _body(results: dict[str, Any], plots: list[str]) -> list[str]:
     """The sections after the targets: cells per comparison, ensembles, capacity, perf_analyzer,
     plots, request mixes, commands."""
-    by_comparison = {n: [c for c in results["cells"] if c["comparison"] == n] for n in range(1, 7)}
+    by_comparison = {n: [c for c in results["cells"] if c["comparison"] == n] for n in range(0, 10)}
     return [
         "## Image classification (targets 1-3)\n",
         cells_table(by_comparison[1] + by_comparison[2] + by_comparison[3]),
@@ -215,11 +294,18 @@ def _body(results: dict[str, Any], plots: list[str]) -> list[str]:
         "## Dynamic batching (target 4)\n",
         cells_table(by_comparison[4]) if by_comparison[4] else "Not run.",
         "",
-        "## Ensemble overhead (target 5, perf_analyzer's server-side breakdown)\n",
+        "## Each pipeline against its steps alone (target 5, perf_analyzer's server-side breakdown)\n",
         ensembles_section(results),
-        "## Capacity (target 6)\n",
+        "## Capacity against the floor (target 6)\n",
         capacity_section(results),
         cells_table(by_comparison[6]) if by_comparison[6] else "",
+        "",
+        "## Pipeline forms against the floor (target 7; the project sets each default to the faster form)\n",
+        forms_section(results),
+        "## Text lengths (targets 8 and 9)\n",
+        text_section(results),
+        "## The floor (`identity`, the Python generator's cells)\n",
+        cells_table(by_comparison[0]) if by_comparison[0] else "Not run.",
         "",
         "## perf_analyzer against the kiln generator\n",
         perf_table(results),
@@ -256,7 +342,7 @@ def plot(results: dict[str, Any], out: Path) -> list[str]:
     if closed:
         written.append(_latency_plot(plt, closed, out / PLOTS[1]))
     cap = results.get("capacity") or {}
-    if cap.get("probes"):
+    if cap.get("perf_analyzer") or cap.get("python"):
         written.append(_capacity_plot(plt, cap, out / PLOTS[2]))
     return written
 
@@ -332,17 +418,29 @@ def _latency_plot(plt: Any, closed: list[dict[str, Any]], path: Path) -> str:
 
 
 def _capacity_plot(plt: Any, cap: dict[str, Any], path: Path) -> str:
-    """The capacity probes' p99 and p50 against the offered rate, the limit as a level."""
-    probes = sorted(cap["probes"], key=lambda p: p["rate"])
-    fig, ax = plt.subplots(figsize=(7, 5))
-    ax.plot([p["rate"] for p in probes], [p["p99_ms"] for p in probes], marker="o", label="p99")
-    ax.plot([p["rate"] for p in probes], [p["p50_ms"] for p in probes], marker=".", label="p50")
+    """Each search's probes: p99 against the offered rate, the limit as a level."""
+    series = [
+        ("floor, perf_analyzer", (cap.get("perf_analyzer") or {}).get("floor")),
+        (f"{cap['model']}, perf_analyzer", (cap.get("perf_analyzer") or {}).get("model")),
+        ("floor, Python generator", cap.get("python_ceiling")),
+        (f"{cap['model']}, Python generator", cap.get("python")),
+    ]
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for label, found in series:
+        probes = sorted(
+            (p for p in (found or {}).get("probes", []) if p.get("p99_ms")), key=lambda p: p["rate"]
+        )
+        if probes:
+            ax.plot(
+                [p["rate"] for p in probes], [p["p99_ms"] for p in probes], marker="o", label=f"{label}: p99"
+            )
     ax.axhline(cap["p99_limit_ms"], color="red", linestyle="--", label=f"{cap['p99_limit_ms']:g} ms")
     ax.set_xlabel("offered requests / s (open loop)")
-    ax.set_ylabel("latency, ms")
+    ax.set_ylabel("p99 latency, ms")
+    ax.set_xscale("log")
     ax.set_yscale("log")
-    ax.set_title(f"{cap['model']}: latency against offered rate")
-    ax.legend()
+    ax.set_title(f"{cap['model']} and the floor: p99 against offered rate")
+    ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -5,12 +5,16 @@
 built artifacts (the files of `<model_repository>/<name>/1/`) into it, so the variant serves the
 very same ONNX files, tokenizer and statistics as the committed repository. Transforms:
 
-- `without_dynamic_batching`: every model's dynamic batcher removed (`dynamic_batching=None`):
-  each request runs alone (target 4 of the benchmark compares it with the committed batching).
+- `without_dynamic_batching`: every model's dynamic batcher removed (`dynamic_batching=None`),
+  a fused pipeline's own one too (`Fused.dynamic_batching`; the generator always writes a fused
+  model's batcher, so `variant_repository` removes it from the written config): each request runs
+  alone (target 4 of the benchmark compares it with the committed batching).
 - `on_gpu`: every `kiln_onnx` model on a GPU instance with CUDA first in its execution providers
   (a GPU host serving the committed models; the CPU fallback stays last).
 - `identity`: the specs unchanged (a private copy of the repository, e.g. to serve specs whose
   configs are not generated yet).
+- `other_form(spec)`: a pipeline in the form its spec does not choose ("ensemble" <-> "fused"),
+  under the name `<pipeline>_<form>`, to serve both forms side by side.
 """
 
 from __future__ import annotations
@@ -23,7 +27,15 @@ from pathlib import Path
 
 from kiln import paths
 from kiln.repository import CONFIG_NAME, VERSION_DIR, generate
-from kiln.spec import InstanceGroup, ModelSpec, Spec, served_specs
+from kiln.spec import (
+    PIPELINE_FORMS,
+    DynamicBatching,
+    EnsembleSpec,
+    InstanceGroup,
+    ModelSpec,
+    Spec,
+    served_specs,
+)
 
 Transform = Callable[[Spec], Spec]
 ONNX_BACKEND = "kiln_onnx"
@@ -36,10 +48,52 @@ def identity(spec: Spec) -> Spec:
 
 
 def without_dynamic_batching(spec: Spec) -> Spec:
-    """The spec with its dynamic batcher removed (ensembles have none of their own)."""
+    """The spec with its dynamic batcher removed: a model's, or a fused pipeline's own (marked
+    `fused.dynamic_batching=None`, which `variant_repository` honours); an ensemble has none."""
     if isinstance(spec, ModelSpec) and spec.dynamic_batching is not None:
         return dataclasses.replace(spec, dynamic_batching=None)
+    if isinstance(spec, EnsembleSpec) and spec.form == "fused" and spec.fused.dynamic_batching is not None:
+        return dataclasses.replace(spec, fused=dataclasses.replace(spec.fused, dynamic_batching=None))
     return spec
+
+
+def other_form(spec: EnsembleSpec) -> EnsembleSpec:
+    """Pipeline `spec` in the other form, named `<name>_<form>` (e.g. `fraud_scorer_fused`).
+
+    Raises:
+        ValueError: `spec` is not a pipeline, or its form is not one of PIPELINE_FORMS.
+    """
+    if not isinstance(spec, EnsembleSpec) or spec.form not in PIPELINE_FORMS:
+        raise ValueError(
+            f"other_form needs a pipeline of form {' or '.join(PIPELINE_FORMS)}, got "
+            f"{type(spec).__name__} {getattr(spec, 'name', spec)!r} (form {getattr(spec, 'form', None)!r})"
+        )
+    form = next(f for f in PIPELINE_FORMS if f != spec.form)
+    return dataclasses.replace(spec, name=f"{spec.name}_{form}", form=form)
+
+
+def _unbatched_fused(specs: list[Spec]) -> tuple[list[Spec], list[str]]:
+    """Fused pipelines marked without a batcher get a placeholder one for the generator (which
+    always writes one); returns the specs to generate and the names whose batcher to remove."""
+    names, out = [], []
+    for spec in specs:
+        if isinstance(spec, EnsembleSpec) and spec.form == "fused" and spec.fused.dynamic_batching is None:
+            names.append(spec.name)
+            spec = dataclasses.replace(
+                spec, fused=dataclasses.replace(spec.fused, dynamic_batching=DynamicBatching())
+            )
+        out.append(spec)
+    return out, names
+
+
+def _remove_dynamic_batching(config: Path) -> None:
+    """Rewrites `config` (a config.pbtxt) without its `dynamic_batching` block."""
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2
+
+    message = text_format.Parse(config.read_text(), model_config_pb2.ModelConfig())
+    message.ClearField("dynamic_batching")
+    config.write_text(text_format.MessageToString(message))
 
 
 def on_gpu(spec: Spec) -> Spec:
@@ -91,8 +145,12 @@ def variant_repository(
     if dest.exists():
         shutil.rmtree(dest)
     dest.mkdir(parents=True)
-    changed = [transform(spec) for spec in (specs if specs is not None else served())]
+    changed, unbatched = _unbatched_fused(
+        [transform(spec) for spec in (specs if specs is not None else served())]
+    )
     generate(changed, dest, backends=paths.available_backends())
+    for name in unbatched:
+        _remove_dynamic_batching(dest / name / CONFIG_NAME)
     for spec in served_specs(changed):
         if spec.build is None:
             continue

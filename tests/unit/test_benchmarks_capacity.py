@@ -7,6 +7,7 @@ the offered rate, and the tests check which rates the search probes and what it 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -188,13 +189,24 @@ def test_every_bisection_stays_inside_the_bracket_it_splits() -> None:
         (_run(None, 100.0), False),  # nothing completed in the window
         (_run(1.0, 100.0, failures=1), False),
         (_run(1.0, 97.0), True),  # 97% of the rate delivered
-        (_run(1.0, 96.9), False),  # a silent backlog
+        (_run(1.0, 96.0), True),  # one request short of 97% in a 1 s window: a whole request less
+        (_run(1.0, 95.9), False),  # a silent backlog
     ],
 )
 def test_a_rate_holds_with_p99_in_limit_no_failure_and_the_rate_delivered(
     run: loadgen.Run, held: bool
 ) -> None:
     assert capacity.rate_held(run, 100.0, P99_LIMIT_MS, MIN_DELIVERED) is held
+
+
+def test_a_low_rate_in_a_short_window_is_judged_in_whole_requests() -> None:
+    # 12.5/s over 1.5 s schedules 18.75 requests; 18 completed is the whole rate, not a backlog.
+    run = dataclasses.replace(_run(5.0, 12.0), window_s=1.5)
+    assert capacity.rate_held(run, 12.5, P99_LIMIT_MS, MIN_DELIVERED) is True
+    assert (
+        capacity.rate_held(dataclasses.replace(run, throughput=10.0), 12.5, P99_LIMIT_MS, MIN_DELIVERED)
+        is False
+    )
 
 
 @pytest.mark.parametrize(
@@ -247,13 +259,15 @@ def test_verify_reports_the_last_rate_tried_when_none_holds() -> None:
 
 
 class _FakeBench(bench_run.Bench):
-    """A Bench whose server, request mix and perf_analyzer are fakes."""
+    """A Bench whose server, request mix and perf_analyzer are fakes: perf_analyzer's p99 at a
+    rate comes from `pa_latency(model, rate)`, its send rate from `pa_sent(model, rate)`."""
 
-    def __init__(self, settings: bench_run.Settings, tmp_path: Path) -> None:
+    def __init__(self, settings: bench_run.Settings, tmp_path: Path, pa_latency: Any, pa_sent: Any) -> None:
         super().__init__(argparse.Namespace(no_reference=True), settings, tmp_path)
         self.main = bench_run.Endpoint("kiln", "127.0.0.1:1", "127.0.0.1:2")
         self.lines: list[str] = []
-        self.pa_rates: list[float] = []
+        self.pa_calls: list[tuple[str, float]] = []
+        self.pa_latency, self.pa_sent = pa_latency, pa_sent
 
     def log(self, text: str) -> None:
         self.lines.append(text)
@@ -267,53 +281,119 @@ class _FakeBench(bench_run.Bench):
         return Path("unused.json")
 
     def pa(self, comparison: int, id_: str, model: str, input_file: Path, **kwargs: Any) -> perf.PerfResult:
-        self.pa_rates.append(kwargs["rate"])
-        return perf.PerfResult(model, "rate", kwargs["rate"], throughput=kwargs["rate"], p99_ms=5.0)
+        rate = kwargs["rate"]
+        self.pa_calls.append((model, rate))
+        sent = self.pa_sent(model, rate)
+        result = perf.PerfResult(
+            model, "rate", rate, throughput=min(rate, sent), p50_ms=1.0, p99_ms=self.pa_latency(model, rate),
+            send_rate=sent, delayed_share=0.0 if sent >= rate else 0.2,
+        )  # fmt: skip
+        self.perf.append({"id": id_, "comparison": comparison, "cell": None, **result.to_json()})
+        return result
 
 
-def _bench(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, latency: Any) -> _FakeBench:
+def _bench(
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    latency: Any,
+    pa_latency: Any = lambda model, rate: 5.0,
+    pa_sent: Any = lambda model, rate: rate,
+) -> _FakeBench:
+    """`latency(rate, seed)`: the Python generator's p99 against fraud_scorer (the floor holds up
+    to 3200/s for it)."""
+
     def run_open(
         target: Any, corpus: Any, checker: Any, rate: float, *args: Any, seed: int = 0
     ) -> loadgen.Run:
+        if target.mix.model == bench_run.FLOOR:
+            return _run(5.0 if rate <= 3200 else 50.0, rate)
         return _run(latency(rate, seed), rate)
 
     monkeypatch.setattr(loadgen, "run_open", run_open)
+    monkeypatch.setattr(loadgen, "TritonGrpc", lambda url, mix: SimpleNamespace(mix=mix))
     settings = bench_run.Settings(repeats=3, capacity_start=100.0, capacity_bisections=2)
-    return _FakeBench(settings, tmp_path)
+    return _FakeBench(settings, tmp_path, pa_latency, pa_sent)
 
 
-def test_the_benchmark_reports_the_verified_capacity(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    bench = _bench(monkeypatch, tmp_path, lambda rate, seed: rate / 100.0)  # p99 10 ms at 1000/s
-    bench.capacity_search()
-    assert bench.capacity["rate"] == 1000.0
-    assert bench.capacity["bracket"] == [1000.0, 1200.0]
-    assert bench.capacity["verified"] is True
-    assert [p["rate"] for p in bench.capacity["probes"]] == [100, 200, 400, 800, 1600, 1200, 1000]
-    assert bench.cells["6/fraud_scorer-open-1000"]["median"]["repeats"] == 3
-    assert bench.pa_rates == [1000.0]
-    assert report.verdict(bench.targets[6]) == "**REPORTED** (verified)"
-    assert bench.targets[6]["measured"].startswith("1000 requests/s (open loop, gRPC): median p99 10.0 ms")
+def _rates(bench: _FakeBench, model: str) -> list[float]:
+    return [rate for m, rate in bench.pa_calls if m == model]
 
 
-def test_the_benchmark_reports_zero_when_no_rate_holds(
+def test_the_capacity_is_a_ratio_to_the_floors_searched_the_same_way(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    bench = _bench(monkeypatch, tmp_path, lambda rate, seed: 50.0)
+    # perf_analyzer: the floor holds p99 <= 10 ms up to 2000/s, fraud_scorer up to 1000/s.
+    limits = {bench_run.FLOOR: 2000.0, "fraud_scorer": 1000.0}
+    bench = _bench(
+        monkeypatch, tmp_path, lambda rate, seed: rate / 100.0,
+        pa_latency=lambda model, rate: 10.0 * rate / limits[model],
+    )  # fmt: skip
     bench.capacity_search()
-    assert bench.capacity["rate"] == 0.0
-    assert bench.capacity["verified"] is False
-    assert bench.capacity["median_at_rate"] == {}
-    assert bench.cells == {}  # nothing to verify
-    assert bench.pa_rates == []  # nor to re-measure
+    found = bench.capacity["perf_analyzer"]
+    assert found["floor"]["rate"] == 2000.0
+    assert found["model"]["rate"] == 1000.0
+    assert _rates(bench, bench_run.FLOOR) == [100, 200, 400, 800, 1600, 3200, 2400, 2000]
+    assert _rates(bench, "fraud_scorer") == [100, 200, 400, 800, 1600, 1200, 1000]
+    assert [p["held"] for p in found["model"]["probes"]] == [True] * 4 + [False, False, True]
+    target = bench.targets[6]
+    assert target["ratio"] == pytest.approx(0.5)
+    assert target["passed"] is False
+    assert report.verdict(target) == "**MISS**"
+    assert "0.50x < 0.6x: MISS by 17%" in target["measured"]
+    assert "Where the time goes: at 1600/s:" in target["measured"]
+
+
+def test_the_python_generator_is_a_cross_check_with_its_own_ceiling(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    bench = _bench(monkeypatch, tmp_path, lambda rate, seed: rate / 100.0)  # p99 10 ms at 1000/s
+    bench.capacity_search()
+    python = bench.capacity["python"]
+    assert python["rate"] == 1000.0
+    assert python["bracket"] == [1000.0, 1200.0]
+    assert python["verified"] is True
+    assert [p["rate"] for p in python["probes"]] == [100, 200, 400, 800, 1600, 1200, 1000]
+    assert bench.cells["6/fraud_scorer-open-1000"]["median"]["repeats"] == 3
+    assert bench.capacity["python_ceiling"]["rate"] == 3200.0
+    assert "its own ceiling against the floor: 3200/s" in bench.targets[6]["measured"]
+    assert bench.targets[6]["passed"] is True  # perf_analyzer: every rate held for both, ratio 1.0
+
+
+def test_a_rate_the_generator_cannot_offer_is_said_so_not_zero(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    # perf_analyzer cannot send more than 1500/s: the floor's figure is its ceiling, a lower bound.
+    bench = _bench(
+        monkeypatch, tmp_path, lambda rate, seed: 1.0, pa_sent=lambda model, rate: min(rate, 1500.0)
+    )
+    bench.capacity_search()
+    floor_found = bench.capacity["perf_analyzer"]["floor"]
+    assert floor_found["rate"] == 1400.0
+    assert floor_found["limited"] is True
+    assert "could not offer the rate" in floor_found["note"]
+    assert [(p["rate"], p["held"], p["generator_limited"]) for p in floor_found["probes"]][-3:] == [
+        (1600.0, False, True),
+        (1200.0, True, False),
+        (1400.0, True, False),
+    ]
+
+
+def test_no_rate_held_is_measured_and_says_where(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    bench = _bench(
+        monkeypatch, tmp_path, lambda rate, seed: 50.0,
+        pa_latency=lambda model, rate: 50.0 if model == "fraud_scorer" else 1.0,
+    )  # fmt: skip
+    bench.capacity_search()
+    model = bench.capacity["perf_analyzer"]["model"]
+    assert model["rate"] == 0.0
+    assert model["note"].startswith("no rate held down to 12/s (the server missed the limit there)")
+    assert bench.capacity["python"]["rate"] == 0.0
+    assert bench.capacity["python"]["cells"] == []
+    assert bench.targets[6]["ratio"] == 0.0
     assert bench.targets[6]["passed"] is False
-    assert bench.targets[6]["cells"] == []
-    assert report.verdict(bench.targets[6]) == "**MISS** (no rate verified)"
-    assert bench.targets[6]["measured"].startswith("0 requests/s")
-    assert "capacity search: no rate held (lowest probed 12/s): capacity 0/s" in bench.lines
-    assert "capacity 0/s" in report.capacity_section({"capacity": bench.capacity})
 
 
-def test_the_benchmark_falls_back_when_the_repeats_miss(
+def test_the_python_cross_check_falls_back_when_the_repeats_miss(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     # The search's probes (seed 0) hold up to 1000/s; the repeats (seeds 0-2) hold only under 900/s.
@@ -321,7 +401,8 @@ def test_the_benchmark_falls_back_when_the_repeats_miss(
         monkeypatch, tmp_path, lambda rate, seed: rate / 100.0 if seed == 0 or rate < 900 else 99.0
     )
     bench.capacity_search()
-    assert bench.capacity["bracket"] == [1000.0, 1200.0]
-    assert bench.capacity["rate"] == 800.0  # the next lower rate that held in the search
-    assert bench.capacity["verified"] is True
+    python = bench.capacity["python"]
+    assert python["bracket"] == [1000.0, 1200.0]
+    assert python["rate"] == 800.0  # the next lower rate that held in the search
+    assert python["verified"] is True
     assert list(bench.cells) == ["6/fraud_scorer-open-1000", "6/fraud_scorer-open-800"]

@@ -274,9 +274,13 @@ def test_perf_analyzer_is_compared_with_the_same_cells_median() -> None:
              "error": "no measurement (timed out)", "p99_ms": None, "generator_cpu": None, "cell": None},
         ],
     }  # fmt: skip
+    results["perf_analyzer"][0]["p50_ms"] = 20.0
+    results["perf_analyzer"][0]["vs_floor"] = {"throughput": 0.05, "p50_ms": 40.0, "p99_ms": None}
     rows = report.perf_table(results).splitlines()[2:]
-    assert rows[0] == "| `1/pa-int8-c16` | m | c=16 | 100.0 | 250.0 | 80.0 | 1.25 | 12% |"
-    assert rows[1] == "| `6/pa-rate` | m | 812/s | no figure: no measurement (timed out) | - | - | - | - |"
+    assert rows[0] == (
+        "| `1/pa-int8-c16` | m | c=16 | 100.0 | 20.00 | 250.00 | 0.05x / 40.00x / - | 80.0 | 1.25 | 12% |"
+    )
+    assert rows[1] == "| `6/pa-rate` | m | 812/s | no figure: no measurement (timed out) | - | - | - | - | - | - |"
 
 
 def test_cells_show_the_median_and_the_range_of_the_repeats() -> None:
@@ -288,15 +292,17 @@ def test_cells_show_the_median_and_the_range_of_the_repeats() -> None:
         "mode": "closed",
         "level": 32,
         "median": median,
+        "vs_floor": {"throughput": 0.25, "p50_ms": 2.0, "p99_ms": 1.5},
     }
     row = report.cells_table([cell]).splitlines()[2]
-    # throughput median [min-max] | p50 | p95 | p99 | requests (summed) | failures | CPU shares
+    # throughput median [min-max] | p50 | p95 | p99 | vs floor | requests (summed) | failures | CPU shares
     assert row.split(" | ")[3:] == [
         "c=32",
         "100.0 [90.0-110.0]",
         "5.5",
         "11.0",
         "11.0",
+        "0.25x / 2.00x / 1.50x",
         "300",
         "0",
         "20%",
@@ -304,14 +310,20 @@ def test_cells_show_the_median_and_the_range_of_the_repeats() -> None:
     ]
 
 
-def test_the_capacity_section_lists_every_probe() -> None:
-    probe = _repeat(480.0, 4.0, server_cpu=0.9)
-    cap = {"model": "fraud_scorer", "p99_limit_ms": 10.0, "rate": 400.0, "bracket": [400.0, 800.0],
-           "probes": [{"rate": 400.0, "held": True, **probe}, {"rate": 800.0, "held": False, **probe}]}  # fmt: skip
-    lines = report.capacity_section({"capacity": cap}).splitlines()
-    assert "capacity 400/s, bracket [400.0, 800.0]" in lines[0]
-    assert lines[-2].endswith("| yes |")
-    assert lines[-1] == "| 800 | 480.0 | 2.0 | 4.0 | 0 | 20% | 90% | no |"
+def test_the_capacity_section_lists_every_search_and_probe() -> None:
+    probe = {"throughput": 480.0, "p50_ms": 2.0, "p99_ms": 4.0, "generator_cpu": 0.2, "delayed_share": 0.0}
+    late = {**probe, "delayed_share": 0.08}
+    found = {"rate": 400.0, "note": "400/s held; 800/s did not",
+             "probes": [{"rate": 400.0, "held": True, **probe}, {"rate": 800.0, "held": False, **probe}]}  # fmt: skip
+    floor_found = {"rate": 3000.0, "note": "the generator's ceiling",
+                   "probes": [{"rate": 6000.0, "held": False, "generator_limited": True, **late}]}  # fmt: skip
+    cap = {"model": "fraud_scorer", "p99_limit_ms": 10.0, "perf_analyzer": {"floor": floor_found, "model": found}}
+    text = report.capacity_section({"capacity": cap})
+    assert "**perf_analyzer, the floor**: 3000/s: the generator's ceiling" in text
+    assert "**perf_analyzer, fraud_scorer**: 400/s: 400/s held; 800/s did not" in text
+    assert "| 6000 | 480.0 | 2.00 | 4.00 | 20% | 8% | no (the generator) |" in text
+    assert "| 800 | 480.0 | 2.00 | 4.00 | 20% | 0% | no |" in text
+    assert "Python generator" not in text  # no such search in these results
     assert report.capacity_section({"capacity": {}}) == "Not run.\n"
 
 
