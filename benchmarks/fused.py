@@ -36,7 +36,6 @@ import argparse
 import dataclasses
 import json
 import os
-import shutil
 import statistics
 import sys
 import tempfile
@@ -47,7 +46,7 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks import perf
+from benchmarks import floor, perf
 from benchmarks.variants import variant_repository
 from kiln import paths, tensors
 from kiln.spec import DynamicBatching, Fused, Variant
@@ -56,33 +55,10 @@ ENSEMBLE = tensors.FRAUD_SCORER
 FUSED = f"{ENSEMBLE}_fused"
 FUSED_NO_METRICS = f"{ENSEMBLE}_fused_nometrics"
 FUSED_DELAY = f"{ENSEMBLE}_fused_d100"
-IDENTITY = "identity"
-IDENTITY_BACKEND = "kiln_bench_identity"
-IDENTITY_FEATURES = 16
+IDENTITY = floor.IDENTITY
+IDENTITY_FEATURES = floor.IDENTITY_FEATURES
 ALONE_SUFFIX = "_alone"
 """A step served alone gets this suffix (`alone_copy`)."""
-IDENTITY_MODEL_PY = '''"""The benchmark's floor: one FP32 input copied to one output, nothing else."""
-
-import triton_python_backend_utils as pb_utils
-
-
-class TritonPythonModel:
-    def execute(self, requests):
-        return [
-            pb_utils.InferenceResponse(
-                output_tensors=[pb_utils.Tensor("y", pb_utils.get_input_tensor_by_name(r, "x").as_numpy())]
-            )
-            for r in requests
-        ]
-'''
-IDENTITY_CONFIG = f'''name: "{IDENTITY}"
-backend: "{IDENTITY_BACKEND}"
-max_batch_size: 256
-input {{ name: "x" data_type: TYPE_FP32 dims: {IDENTITY_FEATURES} }}
-output {{ name: "y" data_type: TYPE_FP32 dims: {IDENTITY_FEATURES} }}
-instance_group {{ kind: KIND_CPU count: 1 }}
-dynamic_batching {{ }}
-'''
 
 
 def step_models() -> tuple[str, str, str]:
@@ -136,19 +112,14 @@ def alone_copy(repository: Path, step: str) -> str:
 
 
 def build(root: Path, no_metrics: bool, delay: bool, steps: bool) -> tuple[Path, Path]:
-    """The repository and a backends folder (kiln's backends plus the identity one) under `root`."""
+    """The repository under `root` (the pipelines, the identity floor of `benchmarks.floor`, the
+    steps alone when asked) and the backends folder to serve it with (kiln's own)."""
     repository = variant_repository(root / "repository", specs=pipeline_specs(no_metrics, delay))
-    (repository / IDENTITY / "1").mkdir(parents=True)
-    (repository / IDENTITY / "config.pbtxt").write_text(IDENTITY_CONFIG)
+    floor.write(repository)
     if steps:
         for step in step_models():
             alone_copy(repository, step)
-    backends = root / "backends"
-
-    shutil.copytree(paths.backends_dir(), backends, ignore=shutil.ignore_patterns("__pycache__"))
-    (backends / IDENTITY_BACKEND).mkdir()
-    (backends / IDENTITY_BACKEND / "model.py").write_text(IDENTITY_MODEL_PY)
-    return repository, backends
+    return repository, paths.backends_dir()
 
 
 def _infer(client: Any, model: str, inputs: Mapping[str, np.ndarray]) -> Any:
