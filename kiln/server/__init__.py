@@ -83,6 +83,7 @@ from kiln.server.ports import (
     FREE_PORT_ATTEMPTS,
     MAX_PORT,
     Ports,
+    accepts_connections,
     check_ports,
     choose_ports,
     endpoint,
@@ -585,7 +586,7 @@ class TritonServer:
                     log_path=self.log_path,
                 )
             status = self._api.status(HEALTH_READY_PATH)
-            if status == HTTP_OK:
+            if status == HTTP_OK and self._other_endpoints_listen():
                 return
             if status is not None:
                 # HTTP is up, so loading is over; not ready with a failed model means it never
@@ -602,6 +603,14 @@ class TritonServer:
                     log_path=self.log_path,
                 )
             time.sleep(READY_POLL_INTERVAL_S)
+
+    def _other_endpoints_listen(self) -> bool:
+        """Whether gRPC and metrics accept connections too: Triton starts them around HTTP, not
+        before it (metrics after), so HTTP's ready alone left a window where a scrape failed."""
+        assert self._ports is not None
+        wanted = [port for flag, port in (("--allow-grpc", self._ports.grpc), ("--allow-metrics", self._ports.metrics))
+                  if f"{flag}=false" not in self.extra_args]
+        return all(accepts_connections(self.host, port) for port in wanted)
 
     def _cleanup(self) -> None:
         """Kills what is left of the current launch, removes its files (once per launch)."""

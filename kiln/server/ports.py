@@ -81,6 +81,15 @@ def _client_host(host: str) -> str:
     return _WILDCARD_HOSTS.get(host, host)
 
 
+def accepts_connections(host: str, port: int, timeout: float = 1.0) -> bool:
+    """Whether something listens on `port` where a client on this machine reaches `host`."""
+    try:
+        with socket.create_connection((_client_host(host), port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
 def _url_host(host: str) -> str:
     return f"[{host}]" if ":" in host else host
 
