@@ -1,6 +1,7 @@
 """fraud_scorer: a transaction record -> kiln_tabular -> fraud -> kiln_threshold -> score, decision.
 
-Three served models and the ensemble that wires them:
+Three served models and the pipeline that runs them (fused by default: one kiln_fused model
+running the three steps in one process; the ensemble form wires the three served models):
 - `fraud_features` (kiln_tabular): RECORD BYTES [1] (a JSON object of the named features in raw
   units) or FEATURE_VALUES FP32 [features] (the same numbers in the build's order); a request
   sends exactly one -> FRAUD_FEATURES FP32 [features], standardized with the `features.json` the
@@ -8,8 +9,8 @@ Three served models and the ensemble that wires them:
 - `fraud` (FP32; the model of this folder, `spec.py`): standardized features -> FRAUD_PROBABILITY.
 - `fraud_threshold` (kiln_threshold): the probability -> SCORE FP32 [1] (unchanged) and DECISION
   BOOL [1] (score >= the threshold the fraud build chose and published as `decision.json`).
-Both ensemble inputs are optional (Triton's `optional: true`); the integration tests send each
-alone through the served ensemble.
+Both pipeline inputs are optional (Triton's `optional: true`); the integration tests send each
+alone through the served pipeline, in both forms.
 
 Batching: every step keeps its dynamic batcher at fraud's max_batch_size (256), which is also the
 ensemble's (the pipeline contract). The processing steps are cheap next to a request's round trip
@@ -21,7 +22,7 @@ from __future__ import annotations
 
 from kiln import tensors
 from kiln.serving.threshold import DECISION_FILE as DECISION_FILE  # what the fraud build publishes
-from kiln.spec import DynamicBatching, EnsembleSpec, EnsembleStep, InstanceGroup, ModelSpec, TensorSpec
+from kiln.spec import DynamicBatching, EnsembleSpec, EnsembleStep, Fused, InstanceGroup, ModelSpec, TensorSpec
 
 from .spec import SOURCE
 from .spec import SPEC as FRAUD
@@ -102,20 +103,23 @@ FRAUD_SCORER = EnsembleSpec(
         ),
     ),
     max_batch_size=MAX_BATCH_SIZE,
-    # The form (kiln.spec.PIPELINE_FORMS; docs/pipelines.md, "Fused pipelines"). Measured side by
-    # side on one tritonserver (`.venv/bin/python -m benchmarks.fused --repeats 3
-    # --no-metrics-variant --delay-variant`, perf_analyzer over gRPC, the loadtest mix, medians of
-    # 3; 2-core AMD EPYC, 2026-12-04), against an identity Python model as the floor:
+    # The form (kiln.spec.PIPELINE_FORMS; docs/pipelines.md, "Fused pipelines"): fused, the faster
+    # one here. Measured side by side on one tritonserver (`.venv/bin/python -m benchmarks.fused
+    # --repeats 3 --no-metrics-variant --delay-variant`, perf_analyzer over gRPC, the loadtest mix,
+    # medians of 3; 2-core AMD EPYC, 2026-12-04), against an identity Python model as the floor:
     #   c=1:  ensemble p50 2.26 ms / p99 5.35 ms (424/s); fused p50 0.78 / p99 1.43 ms (1,202/s);
     #         floor p50 0.39 / p99 0.83 ms (2,361/s)
     #   c=16: ensemble 1,493/s; fused 2,016/s; floor 6,457/s
-    # The fused form is faster here (2.9x lower p50, 1.35x the throughput), but it stays the
-    # ensemble for now: `make bench`'s target 4 (its batching-off variant strips only the step
-    # models' batchers, not a fused model's) and target 5 (the per-step breakdown of an ensemble),
-    # and two integration tests that read the ensemble's steps (test_reliability_inputs'
-    # `_step_parameter`, test_fraud_pipeline's shared-batch test on fraud_features) assume this
-    # form; they change with the switch to form="fused".
-    form="ensemble",
+    # `make bench` serves the other form beside it and reports both (its forms table). The
+    # ensemble form (dataclasses.replace(FRAUD_SCORER, form="ensemble")) lets the steps scale and
+    # be placed and versioned apart. The fused batcher's settings were chosen by
+    # `kiln tune fraud_scorer --form fused` (models/fraud/tuning.md): no queue delay, preferred
+    # 8 and 16.
+    form="fused",
+    fused=Fused(
+        dynamic_batching=DynamicBatching(preferred_batch_sizes=(8, 16), max_queue_delay_us=0),
+        instance_groups=(InstanceGroup(kind="CPU", count=1),),
+    ),
 )
 
 SPECS = (FEATURES_SPEC, THRESHOLD_SPEC, FRAUD_SCORER)

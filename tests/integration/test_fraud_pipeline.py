@@ -217,8 +217,8 @@ BATCH_WAIT_US = 2_000_000
 
 @pytest.fixture(scope="module")
 def slow_batching_server(tmp_path_factory) -> Iterator[TritonServer]:
-    """The fraud_scorer pipeline whose tabular step waits up to 2 s for exactly BATCH_ITEMS items,
-    so that requests sent together are sure to share one execute()."""
+    """The fraud_scorer pipeline in the ensemble form, whose tabular step waits up to 2 s for
+    exactly BATCH_ITEMS items, so that requests sent together are sure to share one execute()."""
     repository = tmp_path_factory.mktemp("slow_fraud")
     fraud = by_name("fraud")
     specs = [
@@ -230,7 +230,7 @@ def slow_batching_server(tmp_path_factory) -> Iterator[TritonServer]:
             ),
         ),
         fraud_pipelines.THRESHOLD_SPEC,
-        fraud_pipelines.FRAUD_SCORER,
+        dataclasses.replace(fraud_pipelines.FRAUD_SCORER, form="ensemble"),
     ]
     generate(specs, repository, backends=paths.available_backends())
     shutil.copytree(paths.model_repository() / fraud.name / "1", repository / fraud.name / "1")

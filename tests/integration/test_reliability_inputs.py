@@ -143,10 +143,15 @@ class Contract:
 
 
 def _step_parameter(server: TritonServer, pipeline: str, key: str, default: int) -> int:
-    """A parameter of the pipeline's first step (its preprocessing), from the served config."""
+    """A parameter of the pipeline's first step (its preprocessing), from the served configs: the
+    ensemble's first step, or the first of a fused model's `steps` (its step models are served
+    too, and the fused model loads each from its folder)."""
     with httpclient.InferenceServerClient(server.http_url) as client:
-        ensemble = client.get_model_config(pipeline)
-        step = ensemble["ensemble_scheduling"]["step"][0]["model_name"]
+        config = client.get_model_config(pipeline)
+        if "ensemble_scheduling" in config:
+            step = config["ensemble_scheduling"]["step"][0]["model_name"]
+        else:
+            step = json.loads(config["parameters"]["steps"]["string_value"])[0]["model"]
         config = client.get_model_config(step)
     value = config.get("parameters", {}).get(key, {}).get("string_value")
     return int(value) if value else default

@@ -156,8 +156,9 @@ def test_the_current_settings_come_first_and_a_grid_point_equal_to_them_is_not_r
         batching.max_queue_delay_us, batching.preferred_batch_sizes,
         sum(g.count for g in fraud.spec.instance_groups), current=True,
     )
-    grid = Grid((current.max_queue_delay_us, current.max_queue_delay_us + 1), ((), current.preferred_batch_sizes),
-                (current.instances,))
+    other_sizes = () if current.preferred_batch_sizes else (8, 16)
+    grid = Grid((current.max_queue_delay_us, current.max_queue_delay_us + 1),
+                (current.preferred_batch_sizes, other_sizes), (current.instances,))
     candidates = tune.candidates_for(fraud, grid)
     assert candidates[0] == current and len(candidates) == 4 and sum(c.current for c in candidates) == 1
     assert [c.current for c in tune.candidates_for(fraud, grid, False)] == [False] * 4
