@@ -17,7 +17,7 @@ import dataclasses
 from collections.abc import Mapping, Sequence
 
 from kiln import tensors
-from kiln.spec import DynamicBatching, EnsembleSpec, EnsembleStep, InstanceGroup, ModelSpec, TensorSpec
+from kiln.spec import DynamicBatching, EnsembleSpec, EnsembleStep, Fused, InstanceGroup, ModelSpec, TensorSpec
 
 PIXEL_SCALE = 255.0
 """8-bit pixels to [0, 1]."""
@@ -102,8 +102,12 @@ def classifier_ensemble(
     k: int,
     max_batch: int,
     description: str,
+    form: str = "ensemble",
+    fused: Fused | None = None,
 ) -> EnsembleSpec:
-    """IMAGE -> `preprocess` -> served model `model` -> `classify_step` -> labels, scores, indices."""
+    """IMAGE -> `preprocess` -> served model `model` -> `classify_step` -> labels, scores, indices,
+    served in `form` ("ensemble" or "fused", with `fused`'s batcher and instances; default
+    `Fused()`)."""
     images, logits = preprocess.outputs[0].name, classify_step.inputs[0].name
     answers = {t: t for t in (tensors.LABELS, tensors.SCORES, tensors.CLASS_INDICES)}
     return EnsembleSpec(
@@ -121,6 +125,8 @@ def classifier_ensemble(
             EnsembleStep(classify_step.name, inputs={logits: logits}, outputs=answers),
         ),
         max_batch_size=max_batch,
+        form=form,
+        fused=fused or Fused(),
     )
 
 

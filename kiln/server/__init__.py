@@ -608,8 +608,8 @@ class TritonServer:
         """Whether gRPC and metrics accept connections too: Triton starts them around HTTP, not
         before it (metrics after), so HTTP's ready alone left a window where a scrape failed."""
         assert self._ports is not None
-        wanted = [port for flag, port in (("--allow-grpc", self._ports.grpc), ("--allow-metrics", self._ports.metrics))
-                  if f"{flag}=false" not in self.extra_args]
+        endpoints = (("--allow-grpc", self._ports.grpc), ("--allow-metrics", self._ports.metrics))
+        wanted = [port for flag, port in endpoints if f"{flag}=false" not in self.extra_args]
         return all(accepts_connections(self.host, port) for port in wanted)
 
     def _cleanup(self) -> None:

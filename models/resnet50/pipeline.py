@@ -1,6 +1,7 @@
 """image_classifier and image_classifier_int8: image files in, resnet50's top 5 classes out.
 
-Two served steps and two ensembles:
+Two served steps and two pipelines (fused: each one kiln_fused model running the three steps in one
+process; `PIPELINE_FORM`):
 - `resnet50_preprocess` (kiln_image): IMAGE BYTES [1] -> resnet50's `images` FP32 [3, 224, 224]:
   RGB, shorter side resized to round(224 / 0.875) = 256 with Pillow's bilinear filter, center
   crop, /255, ImageNet mean and std (`kiln.models.resnet50.build.preprocess`, bit for bit). JPEGs
@@ -63,6 +64,15 @@ RESNET50_QUEUE_DELAY_US = 1000
 """How long resnet50_preprocess waits for other requests to join a batch (decoding an image takes
 milliseconds, the model tens of them)."""
 
+PIPELINE_FORM = "fused"
+"""Both pipelines' form: fused, the faster here. `make bench`'s forms table (`python -m
+benchmarks.run --only 7 --repeats 3 [--forms image_classifier]`, perf_analyzer gRPC, medians of
+3; 2-core AMD EPYC, 2026-12-04): image_classifier_int8 p50 at concurrency 1 19.8 ms fused vs
+23.5 ms ensemble, 64.3 vs 62.0 images/s at 16; image_classifier (FP32) 49.3 vs 53.2 ms, 23.0 vs
+18.8 images/s. The model's compute dominates either way; fused saves the two extra hops and
+copies of a 600 KB tensor per image. The ensemble form would let the decoder scale apart from
+the model (e.g. on more cores, or the model on a GPU)."""
+
 RESNET50_PREPROCESS_SPEC = image_preprocess(
     RESNET50_PREPROCESS,
     RESNET50,
@@ -98,6 +108,7 @@ IMAGE_CLASSIFIER = classifier_ensemble(
     IMAGE_TOP_K,
     IMAGE_CLASSIFIER_MAX_BATCH,
     "image file -> resnet50_preprocess -> resnet50 (FP32) -> resnet50_classify -> top 5",
+    form=PIPELINE_FORM,
 )
 
 IMAGE_CLASSIFIER_INT8 = classifier_ensemble(
@@ -108,7 +119,8 @@ IMAGE_CLASSIFIER_INT8 = classifier_ensemble(
     IMAGE_TOP_K,
     IMAGE_CLASSIFIER_MAX_BATCH,
     "image file -> resnet50_preprocess -> resnet50_int8 -> resnet50_classify -> top 5",
+    form=PIPELINE_FORM,
 )
 
 SPECS = (RESNET50_PREPROCESS_SPEC, RESNET50_CLASSIFY_SPEC, IMAGE_CLASSIFIER, IMAGE_CLASSIFIER_INT8)
-"""The image classifier pipelines: their two processing steps and the two ensembles."""
+"""The image classifier pipelines: their two processing steps and the two pipelines (fused)."""

@@ -17,6 +17,7 @@ import dataclasses
 import io
 import shutil
 import struct
+import time
 import zlib
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -36,6 +37,7 @@ from kiln.models.resnet50 import pipeline as resnet50_pipeline
 from kiln.registry import by_name
 from kiln.repository import generate
 from kiln.server import FREE_PORT, TritonServer
+from kiln.serving.fused import FLUSH_INTERVAL_S
 from kiln.spec import DynamicBatching, Variant
 
 PROTOCOLS = ("http", "grpc")
@@ -239,8 +241,21 @@ def test_image_classifier_int8_top5_equals_onnx_runtime_in_process(client, photo
 # -- bad files ----------------------------------------------------------------------------------------
 
 
+METRICS_WAIT_S = 10.0
+"""A fused pipeline pushes its steps' counters once a second (`kiln.serving.fused.FLUSH_INTERVAL_S`)."""
+
+
 def failure_count(server: TritonServer, model: str, reason: str) -> float:
+    """The step's failures of `reason`, served alone and inside fused pipelines (label `pipeline`)."""
     return server.metric("kiln_step_failures_total", model=model, reason=reason)
+
+
+def wait_for_count(server: TritonServer, model: str, reason: str, expected: float) -> float:
+    """The count once it reaches `expected`, or at METRICS_WAIT_S (fused steps' counts lag)."""
+    deadline = time.monotonic() + METRICS_WAIT_S
+    while (count := failure_count(server, model, reason)) < expected and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return count
 
 
 def test_corrupt_and_bomb_files_fail_alone_and_are_counted(client, server: TritonServer, photo_files) -> None:
@@ -250,6 +265,7 @@ def test_corrupt_and_bomb_files_fail_alone_and_are_counted(client, server: Trito
         "truncated JPEG": photo_files[2][: len(photo_files[2]) // 3],
     }
     preprocess = resnet50_pipeline.RESNET50_PREPROCESS
+    time.sleep(FLUSH_INTERVAL_S + 0.5)  # the earlier tests' counts are pushed by now
     decode_before = failure_count(server, preprocess, "decode")
     large_before = failure_count(server, preprocess, "too_large")
     for what, data in corrupt.items():
@@ -264,8 +280,8 @@ def test_corrupt_and_bomb_files_fail_alone_and_are_counted(client, server: Trito
         f"image 0 of the request is too large: its PNG header says {BOMB_SIDE}x{BOMB_SIDE} = "
         f"{BOMB_SIDE**2} pixels, over max_pixels {resnet50_pipeline.RESNET50_MAX_PIXELS} (rejected before decoding)"
     ) in caught.value.message()
-    assert failure_count(server, preprocess, "decode") == decode_before + len(corrupt)
-    assert failure_count(server, preprocess, "too_large") == large_before + 1
+    assert wait_for_count(server, preprocess, "decode", decode_before + len(corrupt)) == decode_before + len(corrupt)
+    assert wait_for_count(server, preprocess, "too_large", large_before + 1) == large_before + 1
     assert server.returncode is None
     answer = answers(client.infer(tensors.IMAGE_CLASSIFIER, image_input(client, [good])))
     assert answer.indices.shape == (1, resnet50_pipeline.IMAGE_TOP_K)
@@ -273,8 +289,9 @@ def test_corrupt_and_bomb_files_fail_alone_and_are_counted(client, server: Trito
 
 @pytest.fixture(scope="module")
 def batching_server(tmp_path_factory) -> Iterator[TritonServer]:
-    """digits_reader with a digits_preprocess that waits up to 2 s for exactly BURST requests, so
-    the burst is sure to share one dynamic batch (a real server, only the queue settings differ)."""
+    """digits_reader in the ensemble form with a digits_preprocess that waits up to 2 s for exactly
+    BURST requests, so the burst is sure to share one dynamic batch of that step (a real server,
+    only the queue settings differ; the fused form's shared batch: test_fused_pipeline.py)."""
     repository = tmp_path_factory.mktemp("image_batching")
     model = dataclasses.replace(
         DIGITS, warmup=(), build=dataclasses.replace(DIGITS.build, variants=(Variant("fp32"),))
@@ -283,7 +300,8 @@ def batching_server(tmp_path_factory) -> Iterator[TritonServer]:
         digits_pipeline.DIGITS_PREPROCESS_SPEC,
         dynamic_batching=DynamicBatching(preferred_batch_sizes=(BURST,), max_queue_delay_us=2_000_000),
     )
-    specs = [model, preprocess, digits_pipeline.DIGITS_CLASSIFY_SPEC, digits_pipeline.DIGITS_READER]
+    reader = dataclasses.replace(digits_pipeline.DIGITS_READER, form="ensemble")
+    specs = [model, preprocess, digits_pipeline.DIGITS_CLASSIFY_SPEC, reader]
     generate(specs, repository, backends=paths.available_backends())
     shutil.copytree(paths.model_repository() / DIGITS.name / "1", repository / DIGITS.name / "1", dirs_exist_ok=True)
     with TritonServer(repository, http_port=FREE_PORT, grpc_port=FREE_PORT, metrics_port=FREE_PORT) as server:
