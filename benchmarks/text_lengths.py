@@ -27,9 +27,11 @@ wrong.
 `--inprocess` measures ONNX Runtime alone (no Triton): its time per text for the mix and the
 single text under each way of padding, which is what a bucket trades against batching.
 
-Variants: `--variants base,b16,...` (see VARIANTS). A variant may run on its own copy of
-text_encoder: with Triton's `allow_ragged_batch` on both inputs (which the spec cannot express, so
-the copy's config is edited in the temporary repository), or with another queue delay.
+Variants: `--variants base,b16,...` (see VARIANTS). Each variant's model step is text_encoder as
+the spec declares it, or a copy of that spec (in the temporary repository) with Triton's
+`allow_ragged_batch` set otherwise on both inputs (`TensorSpec.allow_ragged_batch`: the committed
+text_encoder has it on, so the variants without "r" run on a copy without it) or with another
+queue delay.
 """
 
 from __future__ import annotations
@@ -70,7 +72,7 @@ class TextVariant:
         buckets: kiln_text's `length_buckets` ("" for none: each request padded to its longest).
         pad_batch: kiln_text's `pad_batch`.
         form: "ensemble" or "fused".
-        ragged: The ensemble's model step is a text_encoder copy with `allow_ragged_batch`.
+        ragged: The model step's inputs have `allow_ragged_batch` (`TensorSpec`).
         encoder_delay_us: The model step's `max_queue_delay_us` (None: text_encoder's own).
     """
 
@@ -87,11 +89,29 @@ class TextVariant:
 
     @property
     def encoder(self) -> str:
-        """The model step's name: text_encoder, or the copy this variant needs."""
-        suffix = ("_ragged" if self.ragged else "") + (
+        """The model step's name: text_encoder when the committed spec is what this variant
+        needs, else the name of its copy (`encoder_spec`)."""
+        if self.ragged == committed_ragged() and self.encoder_delay_us is None:
+            return ENCODER
+        suffix = ("_ragged" if self.ragged else "_unragged") + (
             f"_d{self.encoder_delay_us}" if self.encoder_delay_us is not None else ""
         )
         return ENCODER + suffix
+
+
+def committed_ragged() -> bool:
+    """Whether the committed text_encoder spec sets `allow_ragged_batch` on its inputs."""
+    return all(t.allow_ragged_batch for t in by_name(ENCODER).inputs)
+
+
+def encoder_spec(encoder: ModelSpec, variant: TextVariant) -> ModelSpec:
+    """The model step `variant` runs on: `encoder` (fp32 only) under `variant.encoder`, with the
+    variant's ragged flag on every input and its queue delay, through the spec as any model."""
+    batching = encoder.dynamic_batching
+    if variant.encoder_delay_us is not None and batching is not None:
+        batching = dataclasses.replace(batching, max_queue_delay_us=variant.encoder_delay_us)
+    inputs = tuple(dataclasses.replace(t, allow_ragged_batch=variant.ragged) for t in encoder.inputs)
+    return dataclasses.replace(encoder, name=variant.encoder, inputs=inputs, dynamic_batching=batching)
 
 
 FINE = "8,16,24,32,48,64,96"
@@ -119,7 +139,7 @@ VARIANTS = {
         TextVariant("rb8d0", FINE, ragged=True, encoder_delay_us=0),
     )
 }
-DEFAULT_VARIANTS = ("base", "b16", "b32", "b16pb", "fbase", "fb16", "fb16pb")
+DEFAULT_VARIANTS = ("base", "b8", "rbase", "rb8", "rb16")
 
 
 def variant_specs(variant: TextVariant) -> list[ModelSpec | EnsembleSpec]:
@@ -151,11 +171,7 @@ def make_repository(root: Path, variants: Sequence[TextVariant]) -> Path:
     encoder = dataclasses.replace(encoder, build=fp32_only)
     specs: list[Any] = [encoder, by_name(text_pipeline.POOL)]
     copies = {v.encoder: v for v in variants if v.encoder != ENCODER}
-    for name, variant in copies.items():
-        batching = encoder.dynamic_batching
-        if variant.encoder_delay_us is not None and batching is not None:
-            batching = dataclasses.replace(batching, max_queue_delay_us=variant.encoder_delay_us)
-        specs.append(dataclasses.replace(encoder, name=name, dynamic_batching=batching))
+    specs.extend(encoder_spec(encoder, variant) for variant in copies.values())
     for variant in variants:
         specs.extend(variant_specs(variant))
     generate(specs, root, backends=paths.available_backends())
@@ -165,12 +181,6 @@ def make_repository(root: Path, variants: Sequence[TextVariant]) -> Path:
         for path in built.iterdir():
             if path.is_file():
                 (root / name / "1" / path.name).symlink_to(path.resolve())
-    for name, variant in copies.items():
-        if variant.ragged:
-            config = root / name / "config.pbtxt"
-            # Every `input {` block gets Triton's ragged flag: requests of any shapes may share a batch.
-            ragged = config.read_text().replace("input {\n", "input {\n  allow_ragged_batch: true\n")
-            config.write_text(ragged)
     return root
 
 

@@ -195,6 +195,21 @@ def plain_data(value: Any) -> Any:
     return _plain(value)
 
 
+SERVING_ONLY_TENSOR_FIELDS = ("allow_ragged_batch",)
+"""`TensorSpec` fields that only tell Triton how to batch requests: they never change the artifact,
+so they stay out of the source hash (setting one rebuilds nothing, and a model built before the
+field existed stays up to date)."""
+
+
+def _tensors(tensors: Any) -> list[Any]:
+    """A model's tensors as hashed: `_plain`, without SERVING_ONLY_TENSOR_FIELDS."""
+    return [
+        {k: v for k, v in entry.items() if k not in SERVING_ONLY_TENSOR_FIELDS}
+        if isinstance(entry, dict) else entry
+        for entry in _plain(tensors)
+    ]
+
+
 def hash_inputs(
     spec: ModelSpec,
     code: Mapping[str, Path],
@@ -206,7 +221,8 @@ def hash_inputs(
 
     Args:
         spec: The model; its `build`, tensors and batching are included (serving-only settings
-            such as instance groups or dynamic batching are not: they never change the artifact).
+            such as instance groups, dynamic batching or a tensor's `allow_ragged_batch` are not:
+            they never change the artifact).
         code: Source files of the stages that shape the artifact, by a stable label.
         tools: Tool versions, from `tool_versions`.
         settings: Pipeline choices that shape the artifact (e.g. the exporter, the variants).
@@ -217,8 +233,8 @@ def hash_inputs(
     return {
         "format": MANIFEST_FORMAT,
         "build": _plain(spec.build),
-        "inputs": _plain(spec.inputs),
-        "outputs": _plain(spec.outputs),
+        "inputs": _tensors(spec.inputs),
+        "outputs": _tensors(spec.outputs),
         "batched": spec.max_batch_size > 0,
         "settings": _plain(dict(settings or {})),
         "code": {label: sha256_file(path) for label, path in sorted(code.items())},

@@ -3,7 +3,8 @@
 Each config is built as a dict, parsed into `model_config_pb2.ModelConfig` by
 `json_format.ParseDict` (so a field the schema does not know fails here, not in tritonserver) and
 written with `text_format`. The committed repository is the "embedded" target; "ngc" targets the
-full NGC tritonserver container, where ONNX models run on the native onnxruntime backend.
+full NGC tritonserver container, where ONNX models run on the native onnxruntime backend (and so
+without `allow_ragged_batch`, which that backend handles differently; see `config_dict`).
 """
 
 from __future__ import annotations
@@ -45,10 +46,14 @@ def data_type(dtype: str) -> str:
     return "TYPE_STRING" if dtype == "BYTES" else f"TYPE_{dtype}"
 
 
-def _tensor(tensor: Any) -> dict[str, Any]:
+def _tensor(tensor: Any, ragged: bool = False) -> dict[str, Any]:
+    """A config `input` or `output` entry; `allow_ragged_batch` only where `ragged` (a model's
+    inputs, see `config_dict`)."""
     out = {"name": tensor.name, "data_type": data_type(tensor.dtype), "dims": list(tensor.dims)}
     if tensor.optional:
         out["optional"] = True
+    if ragged and getattr(tensor, "allow_ragged_batch", False):
+        out["allow_ragged_batch"] = True
     return out
 
 
@@ -118,10 +123,16 @@ def config_dict(spec: Spec, target: str = "embedded") -> dict[str, Any]:
         raise ValueError(f"target must be one of {', '.join(TARGETS)}, got {target!r}")
     if isinstance(spec, EnsembleSpec):
         return _fused_dict(spec) if spec.form == "fused" else _ensemble_dict(spec)
+    # The ngc target serves a kiln_onnx model on Triton's own onnxruntime backend, which runs a
+    # ragged batch as one flat tensor (every request's items concatenated, dims lost) and needs
+    # `batch_input` declarations the ONNX model would have to take; kiln_onnx instead runs each
+    # shape of a batch as its own ONNX Runtime call. So `allow_ragged_batch` is not written
+    # there: such a model batches only requests of equal shapes on NGC (docs/build.md).
+    ragged = not (target == "ngc" and spec.backend == "kiln_onnx")
     config: dict[str, Any] = {
         "name": spec.name,
         "max_batch_size": spec.max_batch_size,
-        "input": [_tensor(t) for t in spec.inputs],
+        "input": [_tensor(t, ragged) for t in spec.inputs],
         "output": [_tensor(t) for t in spec.outputs],
         "instance_group": [
             {"kind": f"KIND_{g.kind}", "count": g.count, **({"gpus": list(g.gpus)} if g.gpus else {})}

@@ -49,12 +49,22 @@ class TensorSpec:
         dtype: A Triton data type without TYPE_, e.g. "FP32".
         dims: Per-item dims, without the batch dim; -1 for a variable size.
         optional: An input a request may leave out (Triton's `optional: true`); inputs only.
+        allow_ragged_batch: Triton's `allow_ragged_batch: true`; inputs only. Requests whose
+            shapes of this input differ (a -1 dim of another size) may share one dynamic batch;
+            without it Triton batches only requests of equal shapes and closes the batch it is
+            forming at the first request of another shape. Each request keeps its own tensor, so
+            the backend must handle per-request shapes within one batch (`RAGGED_BATCH_BACKENDS`,
+            kiln_onnx among them: it runs each shape of a batch as one call). Needs a batch dim,
+            a dynamic batcher and a -1 dim (it has no effect otherwise); never on a pipeline's
+            inputs. Not rendered for a kiln_onnx model of target "ngc" (Triton's onnxruntime
+            backend would concatenate the requests into one flat tensor).
     """
 
     name: str
     dtype: str
     dims: tuple[int, ...]
     optional: bool = False
+    allow_ragged_batch: bool = False
 
 
 @dataclass(frozen=True)
@@ -514,13 +524,61 @@ def _check_name(where: str, name: object) -> list[str]:
 
 
 def _check_io(where: str, inputs: Sequence[TensorSpec], outputs: Sequence[TensorSpec]) -> list[str]:
-    """The inputs and outputs of a model or ensemble: each list on its own, then no optional output."""
+    """The inputs and outputs of a model or ensemble: each list on its own, then no optional or
+    ragged output."""
     problems = _check_tensors(where, "inputs", inputs)
     problems += _check_tensors(where, "outputs", outputs)
-    problems += [
-        f"{where}: field 'outputs[{i}].optional' is only allowed on inputs"
-        for i, t in enumerate(outputs) if t.optional
-    ]
+    for i, tensor in enumerate(outputs):
+        for flag in ("optional", "allow_ragged_batch"):
+            if getattr(tensor, flag, False):
+                problems.append(f"{where}: field 'outputs[{i}].{flag}' is only allowed on inputs")
+    return problems
+
+
+RAGGED_BATCH_BACKENDS = frozenset({"kiln_onnx", "kiln_pool", "kiln_detect"})
+"""The backends whose execute path takes requests of different shapes in one dynamic batch, so
+an input of theirs may set `TensorSpec.allow_ragged_batch`: each reads every request's own
+tensors, checks them on their own and groups the requests by shape before concatenating
+(kiln_onnx: `kiln.serving.batch.run_batch`, one ONNX Runtime call per shape; kiln_pool: by
+sequence length; kiln_detect: by head shape). The other kiln backends concatenate every request
+of a batch into one array (kiln_classify, kiln_tabular, kiln_threshold) or take only BYTES [1]
+items (kiln_image, kiln_text), and kiln_fused's inputs are a pipeline's; a user's own backend is
+not known to handle it."""
+
+
+def _check_ragged(where: str, spec: ModelSpec) -> list[str]:
+    """`allow_ragged_batch` on a model's inputs: true or false, and where set, a batch dim, a
+    dynamic batcher, a -1 dim and a backend of RAGGED_BATCH_BACKENDS."""
+    problems = []
+    for i, tensor in enumerate(spec.inputs):
+        flag = getattr(tensor, "allow_ragged_batch", False)
+        if flag is False:
+            continue
+        at = f"{where}: field 'inputs[{i}].allow_ragged_batch' (input {tensor.name!r})"
+        if not isinstance(flag, bool):
+            problems.append(f"{at} must be true or false, got {flag!r}")
+            continue
+        if spec.max_batch_size == 0:
+            problems.append(
+                f"{at} needs a batch dim (max_batch_size >= 1), got max_batch_size 0: "
+                "only a dynamic batch can mix shapes"
+            )
+        elif spec.dynamic_batching is None:
+            problems.append(
+                f"{at} has no effect without dynamic_batching (each request runs alone); "
+                "set dynamic_batching or drop the flag"
+            )
+        if isinstance(tensor.dims, tuple) and -1 not in tensor.dims:
+            problems.append(
+                f"{at} has no effect on fixed dims {tensor.dims}: every request has the same item "
+                "shape (it is for a -1 dim)"
+            )
+        if spec.backend not in RAGGED_BATCH_BACKENDS:
+            problems.append(
+                f"{at} needs a backend that handles requests of different shapes in one batch "
+                f"({', '.join(sorted(RAGGED_BATCH_BACKENDS))}); backend {spec.backend!r} "
+                "assumes equal shapes within a batch"
+            )
     return problems
 
 
@@ -541,6 +599,7 @@ def _check_model(spec: ModelSpec, backends: Iterable[str] | None) -> list[str]:
             f"got {spec.backend!r}"
         )
     problems += _check_io(where, spec.inputs, spec.outputs)
+    problems += _check_ragged(where, spec)
     problems += _check_files(where, spec.files)
     overlap = {t.name for t in spec.inputs} & {t.name for t in spec.outputs}
     if overlap:
@@ -667,6 +726,7 @@ def _check_warmup_dims(at: str, warm: Warmup, inputs: Sequence[TensorSpec]) -> l
 
 def _check_parameters(where: str, spec: ModelSpec) -> list[str]:
     # Imported here: the parameter schemas live with the backends' logic, kept out of import time.
+    from kiln.serving.errors import ModelLoadError
     from kiln.serving.params import ParamError, check_params
 
     bad_types = [k for k, v in spec.parameters.items() if not isinstance(v, str)]
@@ -675,8 +735,11 @@ def _check_parameters(where: str, spec: ModelSpec) -> list[str]:
     schema = backend_params(spec.backend)
     if schema is not None:
         try:
-            check_params(spec.name, dict(spec.parameters), schema)
-        except ParamError as error:
+            values = check_params(spec.name, dict(spec.parameters), schema)
+            rules = backend_param_rules(spec.backend)
+            if rules is not None:
+                rules(spec.name, values)
+        except (ParamError, ModelLoadError) as error:
             return [f"{where}: field 'parameters': {error}"]
     return []
 
@@ -897,6 +960,26 @@ def backend_params(backend: str):  # -> tuple[Param, ...] | None
     return getattr(importlib.import_module(module), name)
 
 
+BACKEND_PARAM_RULES: Mapping[str, str] = MappingProxyType({
+    "kiln_text": "kiln.serving.text:check_text_params",
+})
+"""Each kiln backend with rules across its `parameters` keys (which no one key's kind can check)
+-> "module:function", called as function(model, values) with the values `check_params` parsed;
+it raises ParamError or the backend's load error, and the backend's load runs the same function,
+so `kiln generate` and the load fail with one message."""
+
+
+def backend_param_rules(backend: str):  # -> Callable[[str, Mapping[str, Any]], None] | None
+    """The function checking rules across a kiln backend's parameters, or None if it has none."""
+    import importlib
+
+    where = BACKEND_PARAM_RULES.get(backend)
+    if where is None:
+        return None
+    module, name = where.split(":")
+    return getattr(importlib.import_module(module), name)
+
+
 def _served_tensors(specs: Sequence[ModelSpec | EnsembleSpec]) -> dict[str, ModelSpec | EnsembleSpec]:
     return {spec.name: spec for spec in served_specs(specs)}
 
@@ -919,6 +1002,13 @@ def _check_ensemble(
     where = f"ensemble {spec.name!r}"
     problems = _check_name(where, spec.name)
     problems += _check_io(where, spec.inputs, spec.outputs)
+    problems += [
+        f"{where}: field 'inputs[{i}].allow_ragged_batch' (input {t.name!r}) is only allowed on "
+        "a model's inputs, not a pipeline's (an ensemble has no batcher of its own, and kiln_fused "
+        "does not take ragged batches): set it on the input of the step model whose batcher "
+        "should mix shapes, e.g. text_encoder's"
+        for i, t in enumerate(spec.inputs) if getattr(t, "allow_ragged_batch", False)
+    ]
     mbs, found = _check_max_batch_size(where, spec.max_batch_size)
     problems += found
     if not spec.steps:

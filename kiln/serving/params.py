@@ -43,6 +43,13 @@ def _parse_floats(text: str, _: float | None) -> tuple[float, ...]:
     return values
 
 
+def _parse_ints(text: str, minimum: float | None) -> tuple[int, ...]:
+    values = tuple(int(item.strip()) for item in text.split(",") if item.strip())
+    if not values or (minimum is not None and any(v < minimum for v in values)):
+        raise ValueError
+    return values
+
+
 def _parse_bool(text: str, _: float | None) -> bool:
     lowered = text.strip().lower()
     if lowered in ("true", "1", "yes", "on"):
@@ -78,6 +85,7 @@ _PARSERS: dict[str, tuple[Callable[[str, float | None], Any], str]] = {
     "int": (_parse_int, "an integer"),
     "float": (_parse_float, "a finite number"),
     "floats": (_parse_floats, "a comma-separated list of finite numbers"),
+    "ints": (_parse_ints, "a comma-separated list of integers"),
     "bool": (_parse_bool, "true or false"),
     "str": (_parse_str, "a string"),
     "name": (_parse_name, "one path segment (a file or model name: letters, digits, '_', '.', '-'; "
@@ -94,12 +102,12 @@ class Param:
         name: The key in `config.pbtxt` `parameters` (and the dataclass field it fills).
         kind: "int", "float", "bool", "str", "name" (one path segment: a file or model name, so a
             parameter can never point outside the folder it is read from), "list" (comma-separated,
-            parsed to a tuple of str) or
-            "floats" (comma-separated, parsed to a tuple of float).
+            parsed to a tuple of str), "floats" (comma-separated, parsed to a tuple of float) or
+            "ints" (comma-separated, parsed to a tuple of int, `minimum` applying to each item).
         default: Value used when the key is absent.
         help: One line for docs and error messages.
         choices: Allowed values (for "list", allowed items); None allows any.
-        minimum: Smallest allowed value for "int" and "float".
+        minimum: Smallest allowed value for "int" and "float"; for "ints", of each item.
     """
 
     name: str
@@ -116,7 +124,8 @@ class Param:
             joined = ", ".join(self.choices)
             return f"one of {joined}" if self.kind != "list" else f"a comma-separated list of {joined}"
         if self.minimum is not None:
-            return f"{words} >= {self.minimum:g}"
+            each = ", each" if self.kind == "ints" else ""
+            return f"{words}{each} >= {self.minimum:g}"
         return words
 
     def parse(self, model: str, text: str) -> Any:

@@ -18,7 +18,7 @@ Only numpy and `tokenizers` are imported: no torch, no Triton.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -57,16 +57,18 @@ TEXT_PARAMS: tuple[Param, ...] = (
     ),
     Param("pad_token", "str", "[PAD]", "the token whose id pads the rows of a request"),
     Param(
-        "length_buckets", "list", (),
+        "length_buckets", "ints", (),
         "padded lengths, increasing, each 3..max_length (e.g. 16,32,64): a request is padded to "
         "the smallest one holding its longest text (max_length is the last); absent: to its longest",
+        minimum=MIN_MAX_LENGTH,
     ),
     Param(
         "pad_batch", "bool", False,
         "pad every request of a dynamic batch to one length: the bucket of the batch's longest text",
     ),
 )
-"""kiln_text's `parameters` (config.pbtxt), all optional."""
+"""kiln_text's `parameters` (config.pbtxt), all optional. The rules across keys (`length_buckets`
+against `max_length`) are `check_text_params`'."""
 
 
 @dataclass(frozen=True)
@@ -79,7 +81,7 @@ class TextParams:
     max_text_bytes: int
     truncation: bool
     pad_token: str
-    length_buckets: tuple[str, ...]
+    length_buckets: tuple[int, ...]
     pad_batch: bool
 
 
@@ -184,39 +186,56 @@ def configure(tokenizer: Tokenizer, max_length: int, truncation: bool, pad_token
     return local
 
 
-def parse_buckets(values: Sequence[str], max_length: int) -> tuple[int, ...]:
+def parse_buckets(values: Sequence[int], max_length: int) -> tuple[int, ...]:
     """The parameter `length_buckets` as padded lengths, `max_length` always the last one; () when
     the parameter is absent (each request padded to its own longest text).
 
+    The parameter's kind ("ints", minimum 3) already refuses an item that is not an integer or is
+    below 3 (`kiln generate` and the load say so alike); the rules here need `max_length`.
+
     Args:
-        values: The comma-separated items of the parameter.
+        values: The parameter's integers (`TextParams.length_buckets`).
         max_length: The longest token sequence; a bucket above it could never be filled.
 
     Raises:
-        TextLoadError: an item is not an integer, is below 3 or above `max_length`, or the items
-            are not strictly increasing.
+        TextLoadError: an item is below 3 or above `max_length`, or the items are not strictly
+            increasing.
     """
+    given = ",".join(str(v) for v in values)
     buckets: list[int] = []
-    for item in values:
-        try:
-            bucket = int(item)
-        except ValueError:
-            raise TextLoadError(
-                f"parameter 'length_buckets' must hold integers, got {item!r} in {','.join(values)!r}"
-            ) from None
+    for bucket in values:
         if not MIN_MAX_LENGTH <= bucket <= max_length:
             raise TextLoadError(
-                f"parameter 'length_buckets' holds {bucket}; each bucket must be between "
-                f"{MIN_MAX_LENGTH} and max_length {max_length}"
+                f"parameter 'length_buckets' holds {bucket} in {given!r}; each bucket must be "
+                f"between {MIN_MAX_LENGTH} and max_length {max_length}"
             )
         if buckets and bucket <= buckets[-1]:
             raise TextLoadError(
-                f"parameter 'length_buckets' must be strictly increasing, got {','.join(values)!r}"
+                f"parameter 'length_buckets' must be strictly increasing, got {given!r}"
             )
         buckets.append(bucket)
     if buckets and buckets[-1] != max_length:
         buckets.append(max_length)
     return tuple(buckets)
+
+
+def check_text_params(model: str, values: Mapping[str, Any]) -> None:
+    """The rules across kiln_text's parameters, which no one key's kind can check:
+    `length_buckets` strictly increasing and within `max_length`. Run by `kiln.spec.validate`
+    (`kiln generate`; through `kiln.spec.BACKEND_PARAM_RULES`) and by `load`, so both fail with
+    one message.
+
+    Args:
+        model: The model's name (for the message).
+        values: The parsed parameters (`check_params`' result, or a TextParams' fields).
+
+    Raises:
+        TextLoadError: naming the model, the key and the value.
+    """
+    try:
+        parse_buckets(values["length_buckets"], values["max_length"])
+    except TextLoadError as error:
+        raise TextLoadError(f"model '{model}': {error}") from None
 
 
 def bucket_of(longest: int, buckets: Sequence[int]) -> int:
@@ -372,6 +391,7 @@ def check_config(model: str, config: Mapping[str, Any]) -> None:
 def load(context: LoadContext) -> TextTokenizer:
     """Builds the step from the model's config: parameters, then the published tokenizer."""
     params = parse_params(context.model_name, context.parameters, TEXT_PARAMS, TextParams)
+    check_text_params(context.model_name, asdict(params))
     check_config(context.model_name, context.config)
     path = context.artifact(params.tokenizer_model, params.tokenizer_file)
     return TextTokenizer.from_file(path, params, context.model_name)

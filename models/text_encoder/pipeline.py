@@ -3,9 +3,10 @@
 Three served models and the ensemble that wires them:
 - `text_tokenizer` (kiln_text): TEXT BYTES [1] -> input_ids, attention_mask INT64 [seq], with the
   tokenizer.json the build published beside text_encoder, truncating at text_encoder's
-  `max_length` (its position embeddings) and padding each request to the smallest length bucket
-  (`LENGTH_BUCKETS`) holding its longest text.
-- `text_encoder` (FP32; the model of this folder, `spec.py`): ids and mask -> token embeddings.
+  `max_length` (its position embeddings) and padding each request to its own longest text (no
+  length buckets: `LENGTH_BUCKETS` says why).
+- `text_encoder` (FP32; the model of this folder, `spec.py`): ids and mask -> token embeddings;
+  its inputs set `allow_ragged_batch`, so requests of different lengths share its batches.
 - `text_pool` (kiln_pool): token embeddings and the same mask -> mean over real tokens, L2-normalized
   -> EMBEDDING FP32 [HIDDEN_SIZE].
 The attention mask has one producer (the tokenizer) and two consumers (the encoder and the pool).
@@ -35,21 +36,36 @@ leaves room for any text a client would send whole and truncate, while a 16 KiB 
 tokenizes in about 8 ms here; a larger body is a client error, not a tokenizer's workload."""
 STEP_QUEUE_DELAY_US = 100
 """How long the tokenizer and the pool wait for other requests to join a batch."""
-LENGTH_BUCKETS = "8,16,24,32,48,64,96"
-"""kiln_text's `length_buckets` (128, max_length, is the implicit last): each request is padded to
-the smallest bucket holding its longest text, so requests of different token lengths reach
-text_encoder in one of eight shapes: those of one bucket share its dynamic batches (Triton batches
-only equal shapes) and, within a batch, one ONNX Runtime call (kiln_onnx groups by shape).
+LENGTH_BUCKETS: str | None = None
+"""kiln_text's `length_buckets` for text_tokenizer: None, so each request is padded to its own
+longest text. Requests of different token lengths share text_encoder's dynamic batches anyway:
+its inputs set `allow_ragged_batch` (`spec.py`), Triton hands them to one `execute` and kiln_onnx
+runs each length among them as one ONNX Runtime call. Buckets ("8,16,24,32,48,64,96" until
+2026-12-04) were the way to batch across lengths before the spec could express ragged batching;
+with it they bought nothing on mixed traffic and cost a fifth of one-length traffic (a 36-token
+text padded to 48), so they went.
 
-Fine buckets, because on the CPU the encoder's time grows with the padded length: in ONNX
-Runtime, 18 texts of 36 tokens took 4.32 ms each alone, 3.43 in one call, 4.65 padded to 48 and
-6.35 padded to 64 (`benchmarks.text_lengths --inprocess`). Served (`benchmarks.text_lengths`,
-docs/pipelines.md "Text batches across lengths"), concurrency 16: on the mixed-length load-test
-mix these buckets served as many requests/s as no buckets (median 180 vs 180, repeats spread
-+-20%; "16,32,64": 173), and on one-length traffic of 36 tokens about 28% fewer (167 vs 232;
-"16,32,64": 115). Without ragged batching (which the spec cannot express yet) the encoder's
-average batch on the mix is only 1.22 (1.05 without buckets): Triton closes a batch at each
-change of shape."""
+Measured 2026-12-04 on the 2-core AMD EPYC (shared machine; repeats of a cell spread by up to
+about +-15%, so differences under about 10% are noise), text_embedder in the ensemble form,
+perf_analyzer over gRPC at concurrency 16, medians of 6 repeats: `flock /tmp/kiln-bench.lock
+.venv/bin/python -m benchmarks.text_lengths --repeats 3 --variants base,b8,rbase,rb8,rb16 --json
+run1.json`, the same with `--variants base,b8,rbase,rb8,rb16,fbase,fb8 --json run2.json`, merged
+with `--merge run1.json run2.json`. Mixed: the load-test mix (5 to 128 tokens, one text per
+request); single: its 36-token text in every request. Req/s mixed / single, and text_encoder's
+average batch on the mix:
+- no buckets, not ragged (before issue 13's first step): 210 / 309, batch 1.02;
+- "8,16,24,32,48,64,96", not ragged (committed until now): 201 / 230, batch 1.19;
+- no buckets, ragged (committed now): 224 / 304, batch 6.93;
+- "8,16,24,32,48,64,96", ragged: 225 / 239, batch 7.35;
+- "16,32,64", ragged: 206 / 189, batch 7.14.
+(Fused form, 3 repeats: no buckets 270 / 300, "8,...,96" 237 / 242.) So ragged batching reaches an
+average batch of about 7 on the mix, and without buckets one-length traffic keeps the speed of
+the unpadded run (304 vs 309) instead of losing a fifth. Mixed traffic stays at about 0.74x
+one-length traffic in the ensemble form (the fused form: 0.90x): on this CPU ONNX Runtime saves
+about 20% per text only when texts of one length share a call, which texts of different lengths
+cannot without paying it back in padding (buckets' ratio near 1 comes from a slower single run,
+not a faster mixed one). On a GPU, where padding is cheap, buckets may win: measure there with
+the same script (variants rb8, rb16)."""
 
 assert TEXT_ENCODER.build is not None
 _MAX_LENGTH = TEXT_ENCODER.build.source.max_length  # type: ignore[union-attr]
@@ -70,7 +86,7 @@ TOKENIZER_SPEC = ModelSpec(
         "max_length": str(_MAX_LENGTH),
         "max_text_bytes": str(MAX_TEXT_BYTES),
         "truncation": "true",
-        "length_buckets": LENGTH_BUCKETS,
+        **({"length_buckets": LENGTH_BUCKETS} if LENGTH_BUCKETS else {}),
     },
 )
 

@@ -93,9 +93,11 @@ SPEC = ModelSpec(
         "at build time on Python standard-library docstrings"
     ),
     backend="kiln_onnx",
+    # Ragged: requests of different token lengths share a dynamic batch (kiln_onnx runs each
+    # length among them as one ONNX Runtime call); measured in pipeline.py (LENGTH_BUCKETS).
     inputs=(
-        TensorSpec(tensors.TEXT_INPUT_IDS, "INT64", (-1,)),
-        TensorSpec(tensors.TEXT_ATTENTION_MASK, "INT64", (-1,)),
+        TensorSpec(tensors.TEXT_INPUT_IDS, "INT64", (-1,), allow_ragged_batch=True),
+        TensorSpec(tensors.TEXT_ATTENTION_MASK, "INT64", (-1,), allow_ragged_batch=True),
     ),
     outputs=(TensorSpec(tensors.TEXT_TOKEN_EMBEDDINGS, "FP32", (-1, HIDDEN_SIZE)),),
     max_batch_size=32,

@@ -90,8 +90,11 @@ def test_serving_only_settings_do_not_change_the_source_hash(code: dict[str, Pat
         DIGITS,
         dynamic_batching=DynamicBatching(preferred_batch_sizes=(8,), max_queue_delay_us=100),
         description="other words",
+        inputs=tuple(replace(t, allow_ragged_batch=True) for t in DIGITS.inputs),
     )
     assert publish.source_hash(publish.hash_inputs(tuned, code, TOOLS)) == base
+    # ...and a model built before `allow_ragged_batch` existed hashes as it did then
+    assert "allow_ragged_batch" not in json.dumps(publish.hash_inputs(tuned, code, TOOLS))
 
 
 def test_publish_artifact_copies_into_the_version_folder(tmp_path: Path) -> None:

@@ -49,6 +49,31 @@ def test_ngc_target_uses_the_native_onnxruntime_platform() -> None:
     assert set(config.parameters) == {"intra_op_thread_count", "inter_op_thread_count"}
 
 
+def test_allow_ragged_batch_renders_on_the_inputs_that_set_it() -> None:
+    encoder = model_config(by_name("text_encoder"))
+    assert [(i.name, i.allow_ragged_batch) for i in encoder.input] == [
+        ("input_ids", True), ("attention_mask", True),
+    ]
+    assert "allow_ragged_batch: true" in render(by_name("text_encoder"))
+    assert "allow_ragged_batch" not in render(DIGITS)  # off: nothing written, Triton's default
+    pool = by_name("text_pool")
+    one = dataclasses.replace(pool.inputs[1], allow_ragged_batch=True)
+    parsed = model_config(dataclasses.replace(pool, inputs=(pool.inputs[0], one)))
+    assert [i.allow_ragged_batch for i in parsed.input] == [False, True]
+
+
+def test_ngc_target_leaves_allow_ragged_batch_out_for_onnxruntime_models_only() -> None:
+    # Triton's onnxruntime backend would run a ragged batch as one flat tensor, which text_encoder's
+    # ONNX model does not take; kiln_onnx (embedded) runs each shape of a batch on its own.
+    encoder = model_config(by_name("text_encoder"), "ngc")
+    assert encoder.platform == "onnxruntime_onnx"
+    assert [i.allow_ragged_batch for i in encoder.input] == [False, False]
+    assert "allow_ragged_batch" not in render(by_name("text_encoder"), "ngc")
+    pool = by_name("text_pool")  # a kiln backend stays a kiln backend on NGC: the flag stays
+    ragged = tuple(dataclasses.replace(t, allow_ragged_batch=True) for t in pool.inputs)
+    assert all(i.allow_ragged_batch for i in model_config(dataclasses.replace(pool, inputs=ragged), "ngc").input)
+
+
 def test_unknown_target_is_rejected() -> None:
     with pytest.raises(ValueError, match="target must be one of embedded, ngc, got 'k8s'"):
         render(DIGITS, "k8s")

@@ -12,7 +12,7 @@ from onnx import TensorProto, helper
 
 from kiln.serving.batch import RequestError, TensorContract, run_batch, validate_request
 from kiln.serving.onnx import ONNX_PARAMS, ModelLoadError, OnnxModel, OnnxParams
-from kiln.serving.params import ParamError, config_parameters, parse_params
+from kiln.serving.params import Param, ParamError, config_parameters, parse_params
 
 F32 = np.dtype(np.float32)
 X = TensorContract("x", F32, (4,))
@@ -72,6 +72,19 @@ def test_bad_params_name_model_key_allowed_and_given(raw: dict, message: str) ->
     with pytest.raises(ParamError) as caught:
         parse_params("m", raw, ONNX_PARAMS, OnnxParams)
     assert message in str(caught.value)
+
+
+def test_the_ints_kind_parses_comma_separated_integers_with_the_minimum_on_each() -> None:
+    sizes = Param("sizes", "ints", (), "sizes", minimum=3)
+    assert sizes.parse("m", " 8, 16 ,32") == (8, 16, 32)
+    assert sizes.parse("m", "3,") == (3,)
+    assert Param("any", "ints", (), "any").parse("m", "-2,0") == (-2, 0)  # no minimum: any integer
+    for bad in ("8,x", "0", "8,2", "1.5", "", " , "):
+        with pytest.raises(ParamError) as caught:
+            sizes.parse("m", bad)
+        assert str(caught.value) == (
+            f"model 'm': parameter 'sizes' must be a comma-separated list of integers, each >= 3, got {bad!r}"
+        )
 
 
 def test_config_parameters_flattens_triton_json() -> None:
@@ -192,6 +205,14 @@ def test_load_and_infer_a_dynamic_batch(add_one: Path) -> None:
     model = OnnxModel.load("add", add_one, config(intra_op_threads="1"), {"intra_op_threads": "1"})
     results = model.infer([{"x": np.zeros((1, 4), F32)}, {"x": np.ones((2, 4), F32)}])
     np.testing.assert_array_equal(results[0]["y"], np.ones((1, 4), F32))
+    np.testing.assert_array_equal(results[1]["y"], np.full((2, 4), 2, F32))
+
+
+def test_a_config_input_with_allow_ragged_batch_loads_and_serves(add_one: Path) -> None:
+    ragged = config(intra_op_threads="1")
+    ragged["input"][0]["allow_ragged_batch"] = True  # as Triton passes `allow_ragged_batch: true`
+    model = OnnxModel.load("add", add_one, ragged, {"intra_op_threads": "1"})
+    results = model.infer([{"x": np.zeros((1, 4), F32)}, {"x": np.ones((2, 4), F32)}])
     np.testing.assert_array_equal(results[1]["y"], np.full((2, 4), 2, F32))
 
 

@@ -26,10 +26,11 @@ from kiln.serving.text import (
     TextTokenizer,
     bucket_of,
     check_config,
+    check_text_params,
     load,
     parse_buckets,
 )
-from kiln.spec import validate
+from kiln.spec import SpecError, validate
 
 SPECS = registry.specs()
 
@@ -242,34 +243,79 @@ def test_with_buckets_a_truncation_off_error_still_fails_its_own_request(tokeniz
     assert outputs(results[1])[0].shape == (1, 3)  # [CLS] x [SEP] fills the bucket 3
 
 
+BUCKET_KIND = "parameter 'length_buckets' must be a comma-separated list of integers, each >= 3"
+
+
 @pytest.mark.parametrize(
     ("value", "message"),
     [
-        ("16,abc", r"parameter 'length_buckets' must hold integers, got 'abc' in '16,abc'"),
-        ("2,16", r"parameter 'length_buckets' holds 2; each bucket must be between 3 and max_length 128"),
-        ("16,256", r"parameter 'length_buckets' holds 256; each bucket must be between 3 and max_length 128"),
-        ("32,16", r"parameter 'length_buckets' must be strictly increasing, got '32,16'"),
-        ("16,16", r"parameter 'length_buckets' must be strictly increasing, got '16,16'"),
+        ("16,abc", f"{BUCKET_KIND}, got '16,abc'"),
+        ("8,x", f"{BUCKET_KIND}, got '8,x'"),
+        ("0", f"{BUCKET_KIND}, got '0'"),
+        ("2,16", f"{BUCKET_KIND}, got '2,16'"),
+        ("8.5", f"{BUCKET_KIND}, got '8.5'"),
+        (" , ", f"{BUCKET_KIND}, got ' , '"),
+        ("16,256", "parameter 'length_buckets' holds 256 in '16,256'; each bucket must be between 3 "
+         "and max_length 128"),
+        ("16,8", "parameter 'length_buckets' must be strictly increasing, got '16,8'"),
+        ("16,16", "parameter 'length_buckets' must be strictly increasing, got '16,16'"),
     ],
-    ids=["not-an-integer", "below-3", "over-max-length", "decreasing", "repeated"],
+    ids=["not-an-integer", "letter", "zero", "below-3", "not-whole", "no-item", "over-max-length",
+         "decreasing", "repeated"],
 )
-def test_bad_length_buckets_fail_the_load_naming_the_parameter(tokenizer_file, value: str, message: str) -> None:
-    with pytest.raises(TextLoadError, match=rf"model 'tok': {message}"):
-        TextTokenizer.from_file(tokenizer_file, params(length_buckets=value), "tok")
+def test_kiln_generate_and_the_load_refuse_bad_length_buckets_with_one_message(
+    tokenizer_file: Path, tmp_path: Path, value: str, message: str
+) -> None:
+    spec = by_name(pipelines.TOKENIZER)
+    spec = dataclasses.replace(spec, parameters={**spec.parameters, "length_buckets": value})
+    # `kiln generate`: the spec's validation names the model, the key and the value
+    with pytest.raises(SpecError) as caught:
+        validate([spec], paths.available_backends())
+    assert caught.value.problems == (
+        f"model '{spec.name}': field 'parameters': model '{spec.name}': {message}",
+    )
+    # the backend's initialize (kiln_text's load, on the config kiln generate would write) says the same
+    published = tmp_path / "text_encoder" / "1"
+    published.mkdir(parents=True)
+    (published / te.TOKENIZER_FILE).write_bytes(tokenizer_file.read_bytes())
+    model_dir = tmp_path / spec.name
+    context = LoadContext(spec.name, model_dir, model_dir / "1", config_json(), dict(spec.parameters))
+    with pytest.raises((ParamError, TextLoadError)) as loaded:
+        load(context)
+    assert str(loaded.value) == f"model '{spec.name}': {message}"
+
+
+@pytest.mark.parametrize(
+    ("buckets", "message"),
+    [
+        ((2, 16), r"parameter 'length_buckets' holds 2 in '2,16'; each bucket must be between 3 and max_length 128"),
+        ((16, 256), r"parameter 'length_buckets' holds 256 in '16,256'; each bucket must be between 3 and max_length 128"),
+        ((32, 16), r"parameter 'length_buckets' must be strictly increasing, got '32,16'"),
+    ],
+    ids=["below-3", "over-max-length", "decreasing"],
+)
+def test_buckets_given_past_the_parameters_still_fail_the_tokenizer(tokenizer_file, buckets, message: str) -> None:
+    bad = dataclasses.replace(params(), length_buckets=buckets)  # not through the "ints" kind
+    with pytest.raises(TextLoadError, match=rf"^model 'tok': {message}$"):
+        TextTokenizer.from_file(tokenizer_file, bad, "tok")
 
 
 def test_bucket_parameters_parse_and_malformed_ones_are_param_errors() -> None:
     assert params().length_buckets == () and params().pad_batch is False
-    assert params(length_buckets=" 16, 32 ,64").length_buckets == ("16", "32", "64")
-    assert parse_buckets(("16", "32", "64"), 128) == (16, 32, 64, 128)
-    assert parse_buckets(("16", "128"), 128) == (16, 128)
+    assert params(length_buckets=" 16, 32 ,64").length_buckets == (16, 32, 64)
+    assert params(length_buckets="16,").length_buckets == (16,)
+    assert parse_buckets((16, 32, 64), 128) == (16, 32, 64, 128)
+    assert parse_buckets((16, 128), 128) == (16, 128)
     assert parse_buckets((), 128) == ()
     assert [bucket_of(n, (16, 32, 128)) for n in (3, 16, 17, 33, 128)] == [16, 16, 32, 128, 128]
     assert bucket_of(7, ()) == 7 and bucket_of(200, (16, 128)) == 200
-    with pytest.raises(ParamError, match=r"parameter 'length_buckets' must be a comma-separated list, got ' , '"):
+    with pytest.raises(ParamError, match=rf"{BUCKET_KIND}, got ' , '"):
         params(length_buckets=" , ")
     with pytest.raises(ParamError, match=r"parameter 'pad_batch' must be true or false, got 'maybe'"):
         params(pad_batch="maybe")
+    check_text_params("tok", {"length_buckets": (8, 16), "max_length": 16})  # 16 = max_length is fine
+    with pytest.raises(TextLoadError, match=r"^model 'tok': parameter 'length_buckets' holds 32 in '8,32'"):
+        check_text_params("tok", {"length_buckets": (8, 32), "max_length": 16})
 
 
 # -- bad texts: each fails its own request, naming the item ----------------------------------------
@@ -413,7 +459,7 @@ def test_text_pipeline_specs_validate_and_honor_the_pipeline_contract() -> None:
 
 
 def test_the_ensemble_feeds_one_mask_to_the_encoder_and_the_pool() -> None:
-    text = render(by_name(tensors.TEXT_EMBEDDER))
+    text = render(dataclasses.replace(by_name(tensors.TEXT_EMBEDDER), form="ensemble"))
     assert 'platform: "ensemble"' in text
     assert text.count(f'value: "{tensors.TEXT_ATTENTION_MASK}"') == 3  # produced once, consumed twice
     tokenizer_config = render(by_name(pipelines.TOKENIZER))

@@ -157,3 +157,72 @@ def test_every_problem_is_reported_at_once() -> None:
 def test_duplicate_model_names_are_rejected() -> None:
     problems = problems_of(DIGITS, DIGITS)
     assert problems == ("model 'digits': field 'name' repeats another model's name",)
+
+
+# -- allow_ragged_batch: requests of different shapes in one dynamic batch ---------------------------
+
+TEXT_ENCODER = by_name("text_encoder")
+TEXT_POOL = by_name("text_pool")
+
+
+def ragged_inputs(spec, *dims: tuple[int, ...]) -> tuple[TensorSpec, ...]:
+    """`spec`'s inputs with allow_ragged_batch on, optionally with other dims (one per input)."""
+    return tuple(
+        dataclasses.replace(t, allow_ragged_batch=True, **({"dims": dims[i]} if dims else {}))
+        for i, t in enumerate(spec.inputs)
+    )
+
+
+def test_the_committed_text_encoder_takes_ragged_batches_and_a_kiln_pool_input_may_too() -> None:
+    assert all(t.allow_ragged_batch for t in TEXT_ENCODER.inputs)
+    assert not any(t.allow_ragged_batch for t in TEXT_ENCODER.outputs)
+    assert TensorSpec("x", "FP32", (-1,)).allow_ragged_batch is False  # off unless asked for
+    validate([TEXT_ENCODER, dataclasses.replace(TEXT_POOL, inputs=ragged_inputs(TEXT_POOL))], BACKENDS)
+
+
+@pytest.mark.parametrize(
+    ("change", "expected"),
+    [
+        (
+            {"outputs": (TensorSpec("token_embeddings", "FP32", (-1, 256), allow_ragged_batch=True),)},
+            "model 'text_encoder': field 'outputs[0].allow_ragged_batch' is only allowed on inputs",
+        ),
+        (
+            {"max_batch_size": 0, "dynamic_batching": None},
+            "model 'text_encoder': field 'inputs[0].allow_ragged_batch' (input 'input_ids') needs a "
+            "batch dim (max_batch_size >= 1), got max_batch_size 0",
+        ),
+        (
+            {"dynamic_batching": None},
+            "model 'text_encoder': field 'inputs[1].allow_ragged_batch' (input 'attention_mask') has "
+            "no effect without dynamic_batching (each request runs alone)",
+        ),
+        (
+            {"inputs": ragged_inputs(TEXT_ENCODER, (16,), (-1,))},
+            "model 'text_encoder': field 'inputs[0].allow_ragged_batch' (input 'input_ids') has no "
+            "effect on fixed dims (16,)",
+        ),
+        (
+            {"backend": "kiln_classify", "parameters": {}},
+            "model 'text_encoder': field 'inputs[0].allow_ragged_batch' (input 'input_ids') needs a "
+            "backend that handles requests of different shapes in one batch (kiln_detect, kiln_onnx, "
+            "kiln_pool); backend 'kiln_classify' assumes equal shapes within a batch",
+        ),
+        (
+            {"inputs": (dataclasses.replace(TEXT_ENCODER.inputs[0], allow_ragged_batch="yes"), TEXT_ENCODER.inputs[1])},
+            "model 'text_encoder': field 'inputs[0].allow_ragged_batch' (input 'input_ids') must be "
+            "true or false, got 'yes'",
+        ),
+    ],
+    ids=["output", "no-batch-dim", "no-dynamic-batching", "fixed-dims", "backend", "not-a-bool"],
+)
+def test_allow_ragged_batch_is_refused_where_it_cannot_work(change: dict, expected: str) -> None:
+    problems = problems_of(dataclasses.replace(TEXT_ENCODER, **change))
+    assert any(expected in p for p in problems), problems
+
+
+def test_allow_ragged_batch_problems_are_reported_for_every_tensor_at_once() -> None:
+    spec = dataclasses.replace(TEXT_ENCODER, dynamic_batching=None, backend="kiln_threshold", parameters={})
+    ragged = [p for p in problems_of(spec) if "allow_ragged_batch" in p]
+    assert len(ragged) == 4  # no batcher and the backend, for each of the two inputs
+    assert sum("(input 'input_ids')" in p for p in ragged) == sum("(input 'attention_mask')" in p for p in ragged) == 2

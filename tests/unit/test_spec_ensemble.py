@@ -141,6 +141,21 @@ def test_output_only_fields_and_file_names_are_checked() -> None:
     assert any("got 'config.pbtxt'" in p for p in problems)
 
 
+@pytest.mark.parametrize("form", ["ensemble", "fused"])
+def test_allow_ragged_batch_is_refused_on_a_pipelines_inputs_in_either_form(form: str) -> None:
+    raw = dataclasses.replace(WRAP.inputs[0], allow_ragged_batch=True)
+    bad = dataclasses.replace(WRAP, inputs=(raw,), form=form)
+    problems = problems_of(DIGITS, SCALE, bad)
+    assert any(
+        "ensemble 'reader': field 'inputs[0].allow_ragged_batch' (input 'raw_pixels') is only allowed "
+        "on a model's inputs, not a pipeline's" in p
+        for p in problems
+    ), problems
+    out = dataclasses.replace(WRAP.outputs[0], allow_ragged_batch=True)
+    problems = problems_of(DIGITS, SCALE, dataclasses.replace(WRAP, outputs=(out,), form=form))
+    assert any("ensemble 'reader': field 'outputs[0].allow_ragged_batch' is only allowed on inputs" in p for p in problems)
+
+
 def test_a_variant_name_colliding_with_another_model_is_reported() -> None:
     clash = dataclasses.replace(SCALE, name="digits_int8")
     problems = problems_of(DIGITS, clash)
