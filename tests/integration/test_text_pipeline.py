@@ -158,14 +158,16 @@ BATCH = 4
 
 @pytest.fixture(scope="module")
 def slow_batching_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TritonServer]:
-    """text_embedder with a tokenizer that waits up to 2 s to batch exactly BATCH requests, so
-    concurrent requests are sure to share one execute()."""
+    """text_embedder in the ensemble form with a tokenizer that waits up to 2 s to batch exactly
+    BATCH requests, so concurrent requests are sure to share one execute() of that step (the
+    fused form's shared batches: test_text_batching.py)."""
     repository = tmp_path_factory.mktemp("text_slow_batching")
     tokenizer = dataclasses.replace(
         TOKENIZER, dynamic_batching=DynamicBatching(preferred_batch_sizes=(BATCH,), max_queue_delay_us=2_000_000)
     )
     encoder = dataclasses.replace(ENCODER, build=dataclasses.replace(ENCODER.build, variants=(Variant("fp32"),)))
-    generate([encoder, tokenizer, by_name(pipelines.POOL), EMBEDDER], repository, backends=paths.available_backends())
+    embedder = dataclasses.replace(EMBEDDER, form="ensemble")
+    generate([encoder, tokenizer, by_name(pipelines.POOL), embedder], repository, backends=paths.available_backends())
     shutil.copytree(paths.model_repository() / ENCODER.name / "1", repository / ENCODER.name / "1", dirs_exist_ok=True)
     with TritonServer(repository, http_port=FREE_PORT, grpc_port=FREE_PORT, metrics_port=FREE_PORT) as server:
         yield server
