@@ -48,10 +48,13 @@ def identity(spec: Spec) -> Spec:
 
 
 def without_dynamic_batching(spec: Spec) -> Spec:
-    """The spec with its dynamic batcher removed: a model's, or a fused pipeline's own (marked
+    """The spec with its dynamic batcher removed (and its inputs' `allow_ragged_batch` with it): a
+    model's, or a fused pipeline's own (marked
     `fused.dynamic_batching=None`, which `variant_repository` honours); an ensemble has none."""
     if isinstance(spec, ModelSpec) and spec.dynamic_batching is not None:
-        return dataclasses.replace(spec, dynamic_batching=None)
+        # Ragged batching needs a batcher (kiln.spec refuses the flag without one).
+        inputs = tuple(dataclasses.replace(t, allow_ragged_batch=False) for t in spec.inputs)
+        return dataclasses.replace(spec, dynamic_batching=None, inputs=inputs)
     if isinstance(spec, EnsembleSpec) and spec.form == "fused" and spec.fused.dynamic_batching is not None:
         return dataclasses.replace(spec, fused=dataclasses.replace(spec.fused, dynamic_batching=None))
     return spec

@@ -405,8 +405,11 @@ class Target:
         if isinstance(self.spec, EnsembleSpec):
             fused = dataclasses.replace(self.spec.fused, dynamic_batching=batching, instance_groups=groups)
             return dataclasses.replace(self.spec, name=name, form="fused", fused=fused)
+        inputs = self.spec.inputs
+        if not candidate.batching:  # ragged batching needs a batcher (kiln.spec refuses it without)
+            inputs = tuple(dataclasses.replace(t, allow_ragged_batch=False) for t in inputs)
         return dataclasses.replace(
-            self.spec, name=name, build=None, instance_groups=groups,
+            self.spec, name=name, build=None, instance_groups=groups, inputs=inputs,
             dynamic_batching=batching if candidate.batching else None,
         )  # fmt: skip
 

@@ -296,3 +296,15 @@ def test_a_search_that_never_holds_is_a_measurement_not_a_missing_one() -> None:
     assert found.note == (
         "no rate held down to 12/s (the server missed the limit there): measured, not 0 for want of a measurement"
     )
+
+
+def test_the_batching_off_variant_of_every_served_model_generates(tmp_path: Path) -> None:
+    """Removing a model's batcher also removes its inputs' ragged flag (text_encoder sets it), which
+    kiln.spec refuses without a batcher: target 4's variant repository of everything generates."""
+    from kiln.registry import specs as all_specs
+
+    repository = variants.variant_repository(tmp_path / "repo", variants.without_dynamic_batching, all_specs())
+    text = (repository / "text_encoder" / "config.pbtxt").read_text()
+    assert "dynamic_batching" not in text and "allow_ragged_batch" not in text
+    encoder = variants.without_dynamic_batching(next(s for s in all_specs() if s.name == "text_encoder"))
+    assert encoder.dynamic_batching is None and not any(t.allow_ragged_batch for t in encoder.inputs)

@@ -260,3 +260,11 @@ def test_within_noise_compares_the_repeats_throughput_ranges_of_the_choice_and_t
     assert "within this run's noise" in tune.render_markdown({"tunings": [record]}, "fraud")
     record["choice"] = {**record["choice"], "name": "fraud__tune00"}
     assert tune.within_noise(record) is None
+
+
+def test_a_candidate_without_batching_drops_the_ragged_flag_with_the_batcher() -> None:
+    encoder = tune.resolve("text_encoder")
+    assert any(t.allow_ragged_batch for t in encoder.spec.inputs)
+    rendered = encoder.render(Candidate(0, (), 1, batching=False), tune.candidate_name("text_encoder", 0))
+    assert rendered.dynamic_batching is None and not any(t.allow_ragged_batch for t in rendered.inputs)
+    validate([rendered])
