@@ -133,8 +133,14 @@ def ensembles_section(results: dict[str, Any]) -> str:
             f"{_num(e['p99_ms'])} ms (vs floor, throughput / p50 / p99: {floor_ratios}); slowest step alone: "
             f"{e['slowest_step']} at "
             f"{_num(e['slowest_throughput'])}/s; ratio {_num(e['ratio'], 2)}. Server-side time per request: "
-            f"ensemble {_num(e['server_total_us'], 0)} us, "
-            f"sum of its steps {_num(e['steps_total_us'], 0)} us.\n"
+            + (
+                f"ensemble {_num(e['server_total_us'], 0)} us, "
+                f"sum of its steps {_num(e['steps_total_us'], 0)} us.\n"
+                if e.get("form", "ensemble") == "ensemble"
+                else f"the fused model {_num(e['server_total_us'], 0)} us (it runs its steps inside one "
+                "execute: Triton has no per-step split of it; the kiln_step_* metrics with the label "
+                "`pipeline` have each step's time).\n"
+            )
         )
         parts.append(
             "| step | backend | alone /s | alone p99 ms | in the ensemble: queue us | compute in us | "
