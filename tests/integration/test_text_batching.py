@@ -12,7 +12,7 @@ One temporary repository (the built text_encoder linked in) serves, each encoder
 that waits up to 2 s to batch exactly BATCH requests (so the counts below do not depend on how
 fast this machine is):
 
-- `text_embedder`: the committed ensemble (committed tokenizer, text_encoder with its committed
+- `text_embedder`: the committed pipeline in the ensemble form (committed tokenizer, text_encoder with its committed
   ragged inputs). BATCH requests of BATCH different token lengths (in two buckets of BUCKETS, so
   different shapes whatever the padding) sent at once must run in one execution of text_encoder
   (Triton's statistics: execution_count +1, inference_count +BATCH).
@@ -23,7 +23,7 @@ fast this machine is):
   BATCH texts of BATCH lengths in one bucket share one execution of the model step, and in the
   fused form the kiln_onnx step runs them as one ONNX Runtime call (counted on the real session,
   loaded in process from the test repository as kiln_fused loads it).
-- `text_embedder_committed_batcher`: the committed ensemble on `text_encoder_committed_batcher`,
+- `text_embedder_committed_batcher`: the committed pipeline, ensemble form, on `text_encoder_committed_batcher`,
   text_encoder exactly as committed (its own 1 ms queue delay): a concurrent burst of BURST texts
   of BURST different lengths must take fewer executions than requests (tried up to BURST_TRIES
   times: on a busy 2-core machine one burst may trickle in one request at a time).
