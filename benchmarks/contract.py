@@ -24,6 +24,7 @@ of `make bench`; nothing is written but the temporary repository (and `--json`).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import sys
@@ -32,33 +33,15 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from benchmarks import floor, perf
 from benchmarks.variants import variant_repository
 from kiln import tensors
 from kiln.spec import EnsembleSpec
+from loadtests.checks import NUMPY_TYPES
 
 CONTRACT_SUFFIX = "_contract"
-TRITON_TYPES = {
-    "BOOL": "TYPE_BOOL",
-    "UINT8": "TYPE_UINT8",
-    "INT32": "TYPE_INT32",
-    "INT64": "TYPE_INT64",
-    "FP16": "TYPE_FP16",
-    "FP32": "TYPE_FP32",
-    "FP64": "TYPE_FP64",
-    "BYTES": "TYPE_STRING",
-}
-NUMPY_TYPES = {
-    "BOOL": "np.bool_",
-    "UINT8": "np.uint8",
-    "INT32": "np.int32",
-    "INT64": "np.int64",
-    "FP16": "np.float16",
-    "FP32": "np.float32",
-    "FP64": "np.float64",
-    "BYTES": "np.object_",
-}
-
 _MODEL_PY = '''"""{name}: {pipeline}'s tensor contract with no work behind it (benchmarks.contract)."""
 
 import numpy as np
@@ -90,44 +73,33 @@ def contract_name(pipeline: str) -> str:
 
 
 def contract_config(spec: EnsembleSpec) -> str:
-    """config.pbtxt of the contract model of `spec`: its inputs (optional ones too), outputs, max
-    batch size and the fused form's batcher and instances.
+    """config.pbtxt of the contract model of `spec`: the fused model's config as `kiln generate`
+    writes it (inputs with their optional flags, outputs, max batch size, the fused batcher and
+    instances) under the contract's name, on the bare python backend, without the steps.
 
     Raises:
-        ValueError: a tensor has a variable dim (no fixed zeros to answer) or an unknown dtype.
+        ValueError: an output has a variable dim (no fixed zeros to answer).
     """
-    lines = [
-        f'name: "{contract_name(spec.name)}"',
-        'backend: "python"',
-        f"max_batch_size: {spec.max_batch_size}",
-    ]
-    for kind, tensors_ in (("input", spec.inputs), ("output", spec.outputs)):
-        for t in tensors_:
-            if t.dtype not in TRITON_TYPES:
-                raise ValueError(
-                    f"{spec.name}: {kind} {t.name!r} has dtype {t.dtype!r}, not one of {sorted(TRITON_TYPES)}"
-                )
-            if kind == "output" and any(d < 0 for d in t.dims):
-                raise ValueError(
-                    f"{spec.name}: output {t.name!r} has a variable dim {t.dims}: no fixed answer"
-                )
-            dims = " ".join(f"dims: {d}" for d in t.dims)
-            optional = " optional: true" if t.optional else ""
-            lines.append(f'{kind} {{ name: "{t.name}" data_type: {TRITON_TYPES[t.dtype]} {dims}{optional} }}')
-    groups = spec.fused.instance_groups
-    count = sum(g.count for g in groups) or 1
-    lines.append(f"instance_group {{ kind: KIND_CPU count: {count} }}")
-    batching = spec.fused.dynamic_batching
-    preferred = "".join(f" preferred_batch_size: {s}" for s in batching.preferred_batch_sizes)
-    lines.append(
-        f"dynamic_batching {{{preferred} max_queue_delay_microseconds: {batching.max_queue_delay_us} }}"
-    )
-    return "\n".join(lines) + "\n"
+    from google.protobuf import json_format, text_format
+    from tritonclient.grpc import model_config_pb2
+
+    from kiln.repository import config_dict
+
+    for t in spec.outputs:
+        if any(d < 0 for d in t.dims):
+            raise ValueError(f"{spec.name}: output {t.name!r} has a variable dim {t.dims}: no fixed answer")
+    config = config_dict(dataclasses.replace(spec, form="fused"))
+    config.update(name=contract_name(spec.name), backend="python")
+    config.pop("parameters", None)
+    return text_format.MessageToString(json_format.ParseDict(config, model_config_pb2.ModelConfig()))
 
 
 def contract_model_py(spec: EnsembleSpec) -> str:
     """model.py of the contract model: reads the first present input, answers zeros."""
-    outputs = ", ".join(f"({t.name!r}, {tuple(t.dims)!r}, {NUMPY_TYPES[t.dtype]})" for t in spec.outputs)
+    outputs = ", ".join(
+        f"({t.name!r}, {tuple(t.dims)!r}, np.dtype({np.dtype(NUMPY_TYPES[t.dtype]).name!r}))"
+        for t in spec.outputs
+    )
     return _MODEL_PY.format(
         name=contract_name(spec.name),
         pipeline=spec.name,
