@@ -26,6 +26,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from kiln import paths
+from kiln import spec as spec_module
 from kiln.repository import CONFIG_NAME, VERSION_DIR, generate
 from kiln.spec import (
     PIPELINE_FORMS,
@@ -52,9 +53,7 @@ def without_dynamic_batching(spec: Spec) -> Spec:
     model's, or a fused pipeline's own (marked
     `fused.dynamic_batching=None`, which `variant_repository` honours); an ensemble has none."""
     if isinstance(spec, ModelSpec) and spec.dynamic_batching is not None:
-        # Ragged batching needs a batcher (kiln.spec refuses the flag without one).
-        inputs = tuple(dataclasses.replace(t, allow_ragged_batch=False) for t in spec.inputs)
-        return dataclasses.replace(spec, dynamic_batching=None, inputs=inputs)
+        return spec_module.without_dynamic_batching(spec)
     if isinstance(spec, EnsembleSpec) and spec.form == "fused" and spec.fused.dynamic_batching is not None:
         return dataclasses.replace(spec, fused=dataclasses.replace(spec.fused, dynamic_batching=None))
     return spec

@@ -980,6 +980,13 @@ def backend_param_rules(backend: str):  # -> Callable[[str, Mapping[str, Any]], 
     return getattr(importlib.import_module(module), name)
 
 
+def without_dynamic_batching(spec: ModelSpec) -> ModelSpec:
+    """`spec` with no dynamic batcher, and so no input asking for ragged batches (`_check_ragged`
+    refuses the flag without a batcher): each request runs alone."""
+    inputs = tuple(dataclasses.replace(t, allow_ragged_batch=False) for t in spec.inputs)
+    return dataclasses.replace(spec, dynamic_batching=None, inputs=inputs)
+
+
 def _served_tensors(specs: Sequence[ModelSpec | EnsembleSpec]) -> dict[str, ModelSpec | EnsembleSpec]:
     return {spec.name: spec for spec in served_specs(specs)}
 

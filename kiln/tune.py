@@ -49,6 +49,7 @@ from kiln.spec import (
     Spec,
     served_name,
     served_specs,
+    without_dynamic_batching,
 )
 
 RECORD_FILE = "tuning.json"
@@ -405,11 +406,9 @@ class Target:
         if isinstance(self.spec, EnsembleSpec):
             fused = dataclasses.replace(self.spec.fused, dynamic_batching=batching, instance_groups=groups)
             return dataclasses.replace(self.spec, name=name, form="fused", fused=fused)
-        inputs = self.spec.inputs
-        if not candidate.batching:  # ragged batching needs a batcher (kiln.spec refuses it without)
-            inputs = tuple(dataclasses.replace(t, allow_ragged_batch=False) for t in inputs)
+        spec = self.spec if candidate.batching else without_dynamic_batching(self.spec)
         return dataclasses.replace(
-            self.spec, name=name, build=None, instance_groups=groups, inputs=inputs,
+            spec, name=name, build=None, instance_groups=groups,
             dynamic_batching=batching if candidate.batching else None,
         )  # fmt: skip
 
