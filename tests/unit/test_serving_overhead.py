@@ -186,13 +186,19 @@ def test_a_step_that_raises_fails_its_batch_and_is_counted(pb_utils: FakeTriton,
     model.finalize()
 
 
+def wait_for_requests(pb_utils: FakeTriton, count: int, timeout_s: float = 5.0) -> None:
+    """Until the pushed kiln_step_requests_total reaches `count` (the buffer's thread pushes it), or
+    `timeout_s`; the caller asserts the count."""
+    deadline = time.monotonic() + timeout_s
+    while pb_utils.get("kiln_step_requests_total", model=MODEL) < count and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
 def test_the_thread_pushes_within_the_interval_and_sums(pb_utils: FakeTriton) -> None:
     buffer = CounterBuffer(pb_utils, MODEL, interval=0.01)
     for _ in range(100):
         buffer.add([("kiln_step_requests_total", LABELS, 1)])
-    deadline = time.monotonic() + 5
-    while pb_utils.get("kiln_step_requests_total", model=MODEL) < 100 and time.monotonic() < deadline:
-        time.sleep(0.01)
+    wait_for_requests(pb_utils, 100)
     buffer.close()
     assert pb_utils.get("kiln_step_requests_total", model=MODEL) == 100
 
@@ -216,9 +222,7 @@ def test_a_failing_push_does_not_stop_the_thread(pb_utils: FakeTriton) -> None:
     buffer.add([("kiln_step_unknown_total", LABELS, 1)])  # no such family: that push raises
     time.sleep(0.05)
     buffer.add([("kiln_step_requests_total", LABELS, 2)])
-    deadline = time.monotonic() + 5
-    while pb_utils.get("kiln_step_requests_total", model=MODEL) < 2 and time.monotonic() < deadline:
-        time.sleep(0.01)
+    wait_for_requests(pb_utils, 2)
     buffer.close()
     assert pb_utils.get("kiln_step_requests_total", model=MODEL) == 2
 
