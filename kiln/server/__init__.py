@@ -586,9 +586,12 @@ class TritonServer:
                     log_path=self.log_path,
                 )
             status = self._api.status(HEALTH_READY_PATH)
-            if status == HTTP_OK and self._other_endpoints_listen():
-                return
-            if status is not None:
+            if status == HTTP_OK:
+                # Ready (with --strict-readiness=false also when a model failed, which the
+                # caller reads from the index): only gRPC and metrics may still be starting.
+                if self._other_endpoints_listen():
+                    return
+            elif status is not None:
                 # HTTP is up, so loading is over; not ready with a failed model means it never
                 # will be (e.g. --exit-on-error=false): report the model now, not at the deadline.
                 failure = self._log.failure()
