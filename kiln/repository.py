@@ -149,6 +149,8 @@ def config_dict(spec: Spec, target: str = "embedded") -> dict[str, Any]:
     policy = getattr(spec, "version_policy", None)
     if policy is not None:
         config["version_policy"] = _version_policy(policy)
+    if spec.decoupled:
+        config["model_transaction_policy"] = {"decoupled": True}
     if spec.dynamic_batching is not None:
         batching = spec.dynamic_batching
         config["dynamic_batching"] = {

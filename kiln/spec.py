@@ -369,6 +369,11 @@ class ModelSpec:
             (file name -> text), e.g. a classifier's `labels.txt`; committed with the config.
         version_policy: Which versions Triton serves; None leaves Triton's default (the latest
             version) and writes nothing into the config.
+        decoupled: Triton's decoupled transaction policy: the model answers a request with any
+            number of responses, sent from its own thread (a token stream), then a final flag.
+            Only a backend of DECOUPLED_BACKENDS, which sends its responses itself, can serve
+            one, and such a backend serves nothing else; clients reach it over gRPC streaming
+            or HTTP `generate_stream`.
     """
 
     name: str
@@ -384,6 +389,12 @@ class ModelSpec:
     description: str = ""
     files: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
     version_policy: VersionPolicy | None = None
+    decoupled: bool = False
+
+
+DECOUPLED_BACKENDS = frozenset({"kiln_generate"})
+"""Backends that send their responses themselves, from their own thread (`kiln_generate`'s
+engine streams tokens): the only ones a `decoupled` model may use, and they need it."""
 
 
 @dataclass(frozen=True)
@@ -615,9 +626,32 @@ def _check_model(spec: ModelSpec, backends: Iterable[str] | None) -> list[str]:
 
     if spec.version_policy is not None:
         problems += _check_version_policy(where, spec.version_policy)
+    problems += _check_decoupled(where, spec)
     if spec.build is not None:
         problems += _check_build(where, spec.build, spec.outputs)
     return problems
+
+
+def _check_decoupled(where: str, spec: ModelSpec) -> list[str]:
+    if not isinstance(spec.decoupled, bool):
+        return [f"{where}: field 'decoupled' must be true or false, got {spec.decoupled!r}"]
+    if spec.decoupled and spec.backend not in DECOUPLED_BACKENDS:
+        return [
+            f"{where}: field 'decoupled' needs a backend that sends its own responses "
+            f"({', '.join(sorted(DECOUPLED_BACKENDS))}); backend {spec.backend!r} answers each "
+            "request once"
+        ]
+    if not spec.decoupled and spec.backend in DECOUPLED_BACKENDS:
+        return [
+            f"{where}: backend {spec.backend!r} streams its responses and needs field "
+            "'decoupled' set to true"
+        ]
+    if spec.decoupled and spec.dynamic_batching is not None:
+        return [
+            f"{where}: field 'dynamic_batching' must be None for a decoupled model: its backend "
+            "batches requests itself, between decode steps"
+        ]
+    return []
 
 
 def _check_dynamic_batching(where: str, batching: DynamicBatching, mbs: int) -> list[str]:
@@ -945,6 +979,7 @@ BACKEND_PARAMS: Mapping[str, str] = MappingProxyType({
     "kiln_pool": "kiln.serving.pool:POOL_PARAMS",
     "kiln_threshold": "kiln.serving.threshold:THRESHOLD_PARAMS",
     "kiln_fused": "kiln.serving.fused:FUSED_PARAMS",
+    "kiln_generate": "kiln.serving.generate:GENERATE_PARAMS",
 })
 """Each kiln backend -> "module:NAME" of its declared `parameters` schema (a tuple of Param)."""
 
@@ -1088,7 +1123,7 @@ def _check_form(
             f"{where}: field 'form' 'fused' needs the backend {FUSED_BACKEND!r}, which is not among "
             f"the backends ({', '.join(backends) or 'none found'})"
         )
-    fusable = sorted(b for b in BACKEND_PARAMS if b != FUSED_BACKEND)
+    fusable = sorted(b for b in BACKEND_PARAMS if b != FUSED_BACKEND and b not in DECOUPLED_BACKENDS)
     for i, step in enumerate(spec.steps):
         model = served.get(step.model)
         if model is None:

@@ -226,3 +226,42 @@ def test_allow_ragged_batch_problems_are_reported_for_every_tensor_at_once() -> 
     ragged = [p for p in problems_of(spec) if "allow_ragged_batch" in p]
     assert len(ragged) == 4  # no batcher and the backend, for each of the two inputs
     assert sum("(input 'input_ids')" in p for p in ragged) == sum("(input 'attention_mask')" in p for p in ragged) == 2
+
+
+def test_a_decoupled_model_renders_its_transaction_policy() -> None:
+    from kiln.models.tinylm.pipeline import GENERATE
+    from kiln.repository import config_dict
+
+    validate([GENERATE], BACKENDS)
+    config = config_dict(GENERATE)
+    assert config["model_transaction_policy"] == {"decoupled": True}
+    assert "dynamic_batching" not in config and config["max_batch_size"] == 0
+    assert "model_transaction_policy" not in config_dict(DIGITS)
+
+
+@pytest.mark.parametrize(
+    ("change", "expected"),
+    [
+        ({"decoupled": False}, "backend 'kiln_generate' streams its responses and needs field 'decoupled'"),
+        (
+            {"max_batch_size": 4, "dynamic_batching": DynamicBatching()},
+            "field 'dynamic_batching' must be None for a decoupled model",
+        ),
+        ({"decoupled": "yes"}, "field 'decoupled' must be true or false, got 'yes'"),
+        ({"parameters": {"scheduling": "eager"}}, "parameter 'scheduling' must be one of continuous, static"),
+    ],
+)
+def test_a_generation_model_is_refused_where_it_cannot_work(change: dict, expected: str) -> None:
+    from kiln.models.tinylm.pipeline import GENERATE
+
+    found = problems_of(dataclasses.replace(GENERATE, **change))
+    assert any(expected in problem for problem in found), found
+
+
+def test_only_a_streaming_backend_may_be_decoupled() -> None:
+    found = problems_of(dataclasses.replace(DIGITS, decoupled=True))
+    assert any(
+        "field 'decoupled' needs a backend that sends its own responses (kiln_generate); backend "
+        "'kiln_onnx' answers each request once" in problem
+        for problem in found
+    ), found
