@@ -150,6 +150,20 @@ def metric(server: TritonServer, name: str, **labels: str) -> float:
     return server.metric(name, model=MODEL, **labels)
 
 
+def settled(server: TritonServer, name: str, **labels: str) -> float:
+    """The metric once the earlier tests' counts have been pushed: the same value across more
+    than one push interval (the backend pushes once a second)."""
+    value = metric(server, name, **labels)
+    deadline = time.monotonic() + METRICS_WAIT_S
+    while time.monotonic() < deadline:
+        time.sleep(1.5)
+        again = metric(server, name, **labels)
+        if again == value:
+            return value
+        value = again
+    return value
+
+
 def wait_for_metric(server: TritonServer, name: str, at_least: float, **labels: str) -> float:
     deadline = time.monotonic() + METRICS_WAIT_S
     value = metric(server, name, **labels)
@@ -241,7 +255,7 @@ def test_bad_requests_fail_alone_while_others_stream(server: TritonServer, refer
 
 
 def test_cancelling_a_stream_frees_its_sequence(server: TritonServer, reference) -> None:
-    cancelled_before = metric(server, "kiln_generate_requests_total", finish_reason="cancelled")
+    cancelled_before = settled(server, "kiln_generate_requests_total", finish_reason="cancelled")
     want = reference(PROMPTS[1], max_tokens=24)
     doomed = Stream(server)
     doomed.send("doomed", PROMPTS[0], max_tokens=200, temperature=0.0, stream=True)
@@ -294,7 +308,7 @@ def wait_until(condition: Callable[[], bool], timeout: float = METRICS_WAIT_S) -
 
 def test_a_client_that_vanishes_mid_stream_is_cancelled(server: TritonServer) -> None:
     before = {
-        reason: metric(server, "kiln_generate_requests_total", finish_reason=reason)
+        reason: settled(server, "kiln_generate_requests_total", finish_reason=reason)
         for reason in ("cancelled", "length", "stop")
     }
     subprocess.run([sys.executable, "-c", VANISHING_CLIENT, server.grpc_url, MODEL], check=True, timeout=60)
@@ -310,7 +324,7 @@ def test_a_client_that_vanishes_mid_stream_is_cancelled(server: TritonServer) ->
 
 def test_metrics_count_first_tokens_and_tokens(server: TritonServer) -> None:
     ttft = "kiln_generate_time_to_first_token_seconds_count"
-    before_ttft, before_tokens = metric(server, ttft), metric(server, "kiln_generate_generation_tokens_total")
+    before_ttft, before_tokens = settled(server, ttft), settled(server, "kiln_generate_generation_tokens_total")
     for prompt in PROMPTS[:3]:
         status, text = post(server, f"/v2/models/{MODEL}/generate", {"text_input": prompt, "max_tokens": 8})
         assert status == 200, text
