@@ -17,6 +17,9 @@
                  through kiln_onnx's loader on the held-out inputs; its metric may be at most the
                  variant's `max_metric_drop` below the FP32 reference's (`check.check_budget`,
                  else `BudgetError`); single-item latency
+    verify       the source stage's optional `verify` hook: checks of the built variants beyond
+                 the held-out metric (e.g. tinylm's KV cache against the whole-sequence path),
+                 recorded under the manifest's `verify`; a ValueError fails the build here
     tensorrt     `kiln.build.tensorrt.compile_stage` (one call site, `_tensorrt_stage`): engines
                  where TensorRT and a GPU are, one "skipped" line elsewhere
     publish      `kiln.build.publish`: each served variant into `<repository>/<served name>/1/`
@@ -199,6 +202,15 @@ class SourceStage(Protocol):
     - `int8_settings(source) -> kiln.build.quantize.Int8Settings`: calibration and quantization
       settings for the INT8 variant (e.g. `exclude_op_types=("Softmax",)` to keep ops in FP32);
       `kiln.build.quantize.INT8_DEFAULTS` when absent.
+    - `verify(source, model, artifacts: Mapping[str, Path], workdir: Path, progress) -> dict`:
+      checks of the built variants that the held-out metric cannot make (e.g.
+      `kiln.models.tinylm.build`'s: the KV-cache path of each variant against the whole-sequence
+      path, greedy decoding with and without the cache, a padded batch against each sequence
+      alone). Called once per build after every variant passed its gates and before anything is
+      published, with the trained module (None for an `export_onnx` source) and each built
+      variant's ONNX file by precision; `progress` takes log lines. It returns a JSON-able record,
+      written under the manifest's `verify`; a ValueError (a check failed, its message naming
+      what differs) fails the build in stage "verify" and nothing is published.
     """
 
     def train(self, source: Any, progress: Progress | None = None) -> nn.Module:
@@ -771,6 +783,44 @@ def _produce_variant(
     )
 
 
+def _verify_stage(
+    stage: SourceStage,
+    spec: ModelSpec,
+    reference: _Reference,
+    built: Sequence[_Built],
+    artifacts: Path,
+    log: _Log,
+) -> dict[str, Any] | None:
+    """The verify stage: the source stage's optional `verify` hook over every built variant (see
+    `SourceStage`); None when the stage has none.
+
+    Raises:
+        BuildError: the hook raised a ValueError (stage "verify"; the message is the hook's).
+    """
+    from kiln.build import publish
+
+    hook = getattr(stage, "verify", None)
+    if hook is None:
+        return None
+    assert spec.build is not None
+    tag = f"[{spec.name}]"
+    onnx_files = {item.precision: item.artifact for item in built}
+    with log.stage("verify"):
+        try:
+            record = _call(
+                hook, spec.build.source, reference.model, onnx_files,
+                publish.model_artifacts(spec.name, artifacts), lambda line: log.say(f"{tag}   {line}"),
+                spec=spec,
+            )
+        except ValueError as error:
+            raise BuildError(spec.name, "verify", str(error)) from error
+    log.say(
+        f"{tag} verify: {', '.join(onnx_files)} passed the source stage's checks (recorded under the "
+        f"manifest's 'verify')  [{log.timings['verify']:.2f} s]"
+    )
+    return publish.plain_data(record)
+
+
 def _tensorrt_stage(
     spec: ModelSpec,
     onnx_artifacts: Mapping[str, Path],
@@ -860,6 +910,7 @@ def _build_model(
         )
         if item is not None:
             built.append(item)
+    verified = _verify_stage(stage, spec, reference, built, artifacts, log)
     with log.stage("tensorrt"):
         engines = _tensorrt_stage(
             spec, {b.precision: b.artifact for b in built},
@@ -868,7 +919,7 @@ def _build_model(
     if not engines:
         del log.timings["tensorrt"]
     published = _publish_stage(
-        spec, built, reference, _Outputs(extra, derived, engines, refused), inputs,
+        spec, built, reference, _Outputs(extra, derived, engines, refused, verified), inputs,
         state.manifest, log, artifacts=artifacts, repository=repository,
     )
     results = _built_results(spec, built, reference, published, reason, dict(log.timings))
@@ -968,6 +1019,7 @@ class _Outputs:
     derived: Mapping[str, Any]
     engines: Sequence[Any]
     refused: Mapping[str, str] = field(default_factory=dict)
+    verified: Mapping[str, Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -1021,6 +1073,8 @@ def _publish_stage(
         document["tensorrt"] = [publish.plain_data(record) for record in outputs.engines]
     if outputs.refused:
         document["refused"] = dict(outputs.refused)
+    if outputs.verified is not None:
+        document["verify"] = dict(outputs.verified)
     served_names = [e["served_as"] for e in entries.values() if e["served_as"]]
     manifest_file = publish.write_manifest(
         name, document, artifacts=artifacts, repository=repository, served=served_names

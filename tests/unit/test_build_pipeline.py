@@ -865,6 +865,55 @@ def test_a_rule_that_cannot_be_met_fails_the_build_and_publishes_nothing(
     assert not (tmp_path / "repo").exists()
 
 
+# --- checks of the built variants (the optional `verify` hook) ----------------------------------
+
+
+def _verify(monkeypatch: pytest.MonkeyPatch, outcome: dict | Exception) -> list:
+    """Gives digits a `verify` hook returning `outcome` (or raising it); returns what it was
+    handed: (model, artifacts by precision, workdir) per call."""
+    seen: list = []
+
+    def verify(source, model, artifacts, workdir, progress):  # type: ignore[no-untyped-def]
+        seen.append((model, dict(artifacts), Path(workdir)))
+        progress("checked every variant")
+        if isinstance(outcome, Exception):
+            raise outcome
+        return outcome
+
+    monkeypatch.setattr(digits, "verify", verify, raising=False)
+    return seen
+
+
+def test_verify_hook_sees_every_built_variant_and_its_record_lands_in_the_manifest(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seen = _verify(monkeypatch, {"checked": ["fp32", "fp16"], "max_abs_error": 0.5})
+    spec = _with_variants(FAST, Variant("fp32"), Variant("fp16", max_metric_drop=0.01))
+    _, output = _build([spec], tmp_path / "artifacts", tmp_path / "repo")
+    [(model, artifacts, workdir)] = seen
+    assert model is not None  # the trained module
+    assert artifacts == {
+        "fp32": tmp_path / "artifacts" / "digits" / "fp32.onnx",
+        "fp16": tmp_path / "artifacts" / "digits" / "fp16.onnx",
+    }
+    assert workdir == tmp_path / "artifacts" / "digits"
+    assert _manifest(tmp_path / "artifacts")["verify"] == {"checked": ["fp32", "fp16"], "max_abs_error": 0.5}
+    assert "[digits]   checked every variant" in output
+    assert "[digits] verify: fp32, fp16 passed the source stage's checks" in output
+
+
+def test_a_failed_verify_check_fails_the_build_and_publishes_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _verify(monkeypatch, ValueError("variant fp32: the cached logits differ"))
+    with pytest.raises(pipeline.BuildError) as caught:
+        _build([_with_variants(FAST, Variant("fp32"))], tmp_path / "artifacts", tmp_path / "repo")
+    assert str(caught.value) == "model 'digits', stage 'verify': variant fp32: the cached logits differ"
+    assert isinstance(caught.value.__cause__, ValueError)
+    assert not (tmp_path / "repo").exists()
+    assert not (tmp_path / "artifacts" / "digits" / "manifest.json").exists()
+
+
 def test_building_one_model_writes_the_configs_of_the_pipelines_that_run_it() -> None:
     # `kiln build --model fraud` serves fraud_scorer too: the pipeline and its steps that need no
     # build; not the other folders' models.
