@@ -242,6 +242,13 @@ def text_section(results: dict[str, Any]) -> str:
     )
 
 
+def generation_section(results: dict[str, Any]) -> str:
+    """Targets 10-13's figures (`benchmarks.generation.section`)."""
+    from benchmarks import generation
+
+    return generation.section(results.get("generation") or {})
+
+
 def vnni_note(machine: dict[str, Any]) -> str:
     """What the CPU offers INT8 (target 3 assumes AVX-512 VNNI)."""
     flags = machine.get("cpu_flags", {})
@@ -310,6 +317,8 @@ def _body(results: dict[str, Any], plots: list[str]) -> list[str]:
         forms_section(results),
         "## Text lengths (targets 8 and 9)\n",
         text_section(results),
+        "## Generation (targets 10-13, `benchmarks.generation`)\n",
+        generation_section(results),
         "## The floor (`identity`, the Python generator's cells)\n",
         cells_table(by_comparison[0]) if by_comparison[0] else "Not run.",
         "",

@@ -33,6 +33,11 @@ ratio to the floor's at the same load with the same generator:
    2x the floor's at concurrency 1.
 8. `text_embedder` on mixed lengths >= 0.9x on one length (concurrency 16), and
 9. `text_encoder`'s average batch over those runs >= 4 (Triton's statistics API).
+10-13. Generation (`benchmarks.generation`, on its own server serving `tinylm_generate` with
+   continuous and with static batching, and the floor): the KV cache against recomputing the
+   prefix (tokens/s, >= 5x), continuous against static batching under the same seeded Poisson
+   load (goodput >= 2x, p95 TTFT >= 3x lower), served against the same engine in process (tokens/s
+   >= 0.9x), TTFT at concurrency 1 against the in-process prefill (<= the floor's round trip + 1 ms).
 
 Every figure carries the generator's CPU share of the machine (and the server's when it runs
 here): on 2 cores the generator competes with the server. A missed target says by how much and,
@@ -47,6 +52,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import os
 import shutil
@@ -64,7 +70,7 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks import capacity, floor, inprocess, loadgen, perf, report, variants
+from benchmarks import capacity, floor, generation, inprocess, loadgen, perf, report, variants
 from kiln import paths, tensors
 from loadtests import checks, environment, inputs, wire
 
@@ -123,9 +129,12 @@ TARGETS = {
     7: ("fraud_scorer latency at concurrency 1 against the floor's (p50; p99)", 1.5),
     8: ("text_embedder on mixed lengths against one length", 0.9),
     9: ("text_encoder's average batch at concurrency 16 (mixed lengths)", 4.0),
+    **generation.TARGETS,
 }
 LATENCY_P99_LIMIT = 2.0
 """Target 7's second bound: p99 <= this times the floor's p99 (the first, p50, is TARGETS[7])."""
+GENERATION_TARGETS = frozenset(generation.TARGETS)
+"""Targets 10-13 (`benchmarks.generation`): measured on their own server, started by their step."""
 
 
 @dataclass(frozen=True)
@@ -232,6 +241,7 @@ class Bench:
         self.capacity: dict[str, Any] = {}
         self.forms: list[dict[str, Any]] = []
         self.text: dict[str, Any] = {}
+        self.generation: dict[str, Any] = {}
         self.commands: list[str] = []
         self.notes: list[str] = []
         self.corpora: dict[str, inputs.Corpus] = {}
@@ -1100,6 +1110,23 @@ class Bench:
         self.text = text_summary(mixed, same, batches, one.name)
         self._score_text(c)
 
+    def generation_comparisons(self, only: set[int]) -> None:
+        """Targets 10-13 (`benchmarks.generation`): tinylm_generate on its own embedded server (both
+        schedulings and the floor, the built tinylm files), and the engine in this process."""
+        settings = generation.QUICK if self.args.quick else generation.FULL
+        if self.args.repeats is not None:
+            settings = dataclasses.replace(settings, repeats=self.args.repeats)
+        if self.args.http_url:
+            self.notes.append(
+                "Targets 10-13 ran on their own embedded server (a given --http-url serves no static "
+                "variant, and the in-process figures need the built files here)."
+            )
+        result = generation.run(settings, self.out, self.log, self.args.generation_artifacts, only)
+        self.generation = result["details"]
+        self.commands += result["commands"]
+        for target in result["targets"]:
+            self.targets[target["number"]] = target
+
     def model_stats(self, models: Sequence[str]) -> dict[str, tuple[int, int]]:
         """(inference_count, execution_count) per model from Triton's statistics API (HTTP)."""
         assert self.main is not None
@@ -1469,7 +1496,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=float, default=None, help="unmeasured seconds before each cell")
     parser.add_argument("--repeats", type=int, default=None, help="repeats per cell (medians are quoted)")
     parser.add_argument(
-        "--only", default="", help="comma-separated targets to run (1-9; 1-3 run together, 8-9 too)"
+        "--only",
+        default="",
+        help="comma-separated targets to run (1-13; 1-3 run together, 8-9 too; 10-13 are generation's, "
+        "11 runs 12 for its capacity)",
     )
     parser.add_argument(
         "--ensembles", default="", help="comma-separated ensembles for target 5 (default: the settings')"
@@ -1479,6 +1509,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--no-reference", action="store_true", help="no in-process reference answers in the mixes"
+    )
+    parser.add_argument(
+        "--generation-artifacts",
+        type=Path,
+        default=None,
+        help="targets 10-13: a folder with model.onnx, tokenizer.json, generation.json (default: the "
+        "built tinylm)",
     )
     args = parser.parse_args(argv)
     if bool(args.http_url) != bool(args.grpc_url):
@@ -1509,7 +1546,8 @@ def run_comparisons(bench: Bench, only: set[int]) -> list[str]:
     stack: list[Callable[[], None]] = []
     failed: list[str] = []
     try:
-        bench.start_servers(stack)
+        if only - GENERATION_TARGETS:
+            bench.start_servers(stack)
         steps: list[tuple[set[int], Callable[[], None]]] = [
             ({1, 2, 3}, bench.image_comparisons),
             ({4}, bench.batching),
@@ -1517,6 +1555,10 @@ def run_comparisons(bench: Bench, only: set[int]) -> list[str]:
             ({6}, bench.capacity_search),
             ({7}, bench.pipeline_forms),
             ({8, 9}, bench.text_lengths),
+            (
+                set(GENERATION_TARGETS),
+                functools.partial(bench.generation_comparisons, only & GENERATION_TARGETS),
+            ),
         ]
         for numbers, step in steps:
             if not numbers & only:
@@ -1524,12 +1566,13 @@ def run_comparisons(bench: Bench, only: set[int]) -> list[str]:
             try:
                 step()
             except Exception as error:  # noqa: BLE001 - report the others
-                failed.append(f"{step.__name__}: {type(error).__name__}: {error}")
-                bench.log(f"{step.__name__} FAILED:\n{traceback.format_exc()}")
+                name = getattr(step, "__name__", "generation_comparisons")
+                failed.append(f"{name}: {type(error).__name__}: {error}")
+                bench.log(f"{name} FAILED:\n{traceback.format_exc()}")
                 for number in sorted(numbers & only - set(bench.targets)):
                     bench.target(
                         number, target="-", ratio=None, passed=None, cells=[],
-                        measured=f"not run: {step.__name__} failed ({type(error).__name__}: {error})",
+                        measured=f"not run: {name} failed ({type(error).__name__}: {error})",
                     )  # fmt: skip
     finally:
         for stop in reversed(stack):
@@ -1576,6 +1619,7 @@ def main(argv: list[str] | None = None) -> int:
         "capacity": bench.capacity,
         "forms": bench.forms,
         "text": bench.text,
+        "generation": bench.generation,
         "commands": bench.commands,
         "notes": bench.notes,
         "failed": failed,

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from kiln import paths
-from loadtests import environment, inputs, shapes, slo
+from loadtests import environment, generation, inputs, shapes, slo
 
 LOCUST_GRACE_S = 120
 """Extra seconds a locust run may take beyond its shape's length before it is stopped."""
@@ -138,13 +138,87 @@ def run_one(
     return report
 
 
+def served_generation_suites() -> tuple[str, ...]:
+    """The generation suites whose model the served specs declare (what `make build-engines`
+    builds): part of `--pipeline all`."""
+    from kiln import registry
+
+    names = {spec.name for spec in registry.specs()}
+    return tuple(name for name in generation.SUITES if name in names)
+
+
+def run_generation(
+    model: str, args: argparse.Namespace, http_url: str, grpc_url: str, out: Path
+) -> dict[str, Any]:
+    """One generation suite (`loadtests.generation`, its profile's Poisson workload; gRPC streaming, or
+    HTTP generate_stream with `--transport http`); returns its report (or why it has none)."""
+    transport = "http" if args.transport == "http" else "grpc"
+    print(f"\n== {model}, Poisson arrivals ({args.profile} profile, {transport})", flush=True)
+    started = time.monotonic()
+    try:
+        report = generation.run_suite(
+            generation.SUITES[model],
+            args.profile,
+            grpc_url,
+            http_url,
+            transport,
+            generation.parse_overrides(args.generation_gate),
+            out=out,
+        )
+    except Exception as error:  # noqa: BLE001 - the run's failure, reported in the summary
+        print(f"{model}: the generation run failed: {type(error).__name__}: {error}", flush=True)
+        return {"model": model, "shape": "poisson", "passed": False, "verdicts": [], "error": str(error)}
+    report["wall_s"] = round(time.monotonic() - started, 1)
+    return report
+
+
 def _pythonpath() -> str:
     existing = os.environ.get("PYTHONPATH")
     return os.pathsep.join([str(paths.ROOT), *([existing] if existing else [])])
 
 
+def generation_table(reports: list[dict[str, Any]]) -> str:
+    """The generation suites' rows (`loadtests.generation`): the streamed figures and each gate."""
+    lines = [
+        "| model | load | requests | req/s | output tokens/s | goodput req/s | TTFT p50 / p95 / p99 (ms) | "
+        "ITL p95 (ms) | TPOT p50 (ms) | failures | gates |",
+        "| --- | --- | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: | --- |",
+    ]
+    for report in reports:
+        if "summary" not in report:
+            lines.append(f"| {report['model']} | | | | | | | | | | ERROR: {report.get('error')} |")
+            continue
+        s, w = report["summary"], report["workload"]
+        ttft = " / ".join(_num(s["ttft_ms"], k) for k in ("p50", "p95", "p99"))
+        gates = "; ".join(
+            ("PASS " if v["passed"] else "MISS ") + _short_generation(v) for v in report["verdicts"]
+        )
+        lines.append(
+            f"| {report['model']} | Poisson {w['rate']:g}/s, {w['requests']} requests "
+            f"({report['transport']}) | "
+            f"{s['requests']} | {_num(s, 'request_throughput')} | {_num(s, 'output_tokens_per_s')} | "
+            f"{_num(s, 'goodput')} | {ttft} | {_num(s['itl_ms'], 'p95')} | {_num(s['tpot_ms'], 'p50')} | "
+            f"{s['failed']} | {gates} |"
+        )
+    return "\n".join(lines)
+
+
+def _short_generation(verdict: dict[str, Any]) -> str:
+    measured, gate = verdict["measured"], verdict["gate"]
+    if gate == "max_failure_ratio":
+        return f"failures {'-' if measured is None else f'{measured:.3%}'} (<= {verdict['limit']:.3%})"
+    sign = ">=" if gate == "min_tokens_per_s" else "<="
+    shown = "-" if measured is None else f"{measured:.1f}"
+    return f"{generation.GATE_LABELS[gate]} {shown} ({sign} {verdict['limit']:g})"
+
+
 def summary_table(reports: list[dict[str, Any]]) -> str:
-    """The Markdown summary: one row per run, its key figures and each gate's verdict."""
+    """The Markdown summary: one row per run, its key figures and each gate's verdict (the
+    generation suites' runs in a table of their own, `generation_table`)."""
+    streamed = [r for r in reports if r.get("shape") == "poisson"]
+    reports = [r for r in reports if r.get("shape") != "poisson"]
+    if streamed and not reports:
+        return generation_table(streamed)
     lines = [
         "| pipeline | shape | requests | throughput (req/s) | p95 (ms) | p99 (ms) | failures | "
         "content checks | gates |",
@@ -167,7 +241,7 @@ def summary_table(reports: list[dict[str, Any]]) -> str:
             f"{_num(focus, 'p95_ms')} | {_num(focus, 'p99_ms')} | {overall.get('failures', 0)} | "
             f"{checks_.get('passed', 0)} passed, {checks_.get('failed', 0)} failed | {gates} |"
         )
-    return "\n".join(lines)
+    return "\n".join(lines) + (f"\n\nGeneration suites:\n\n{generation_table(streamed)}" if streamed else "")
 
 
 def _num(window: dict[str, Any] | None, key: str) -> str:
@@ -191,8 +265,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--pipeline",
         default="all",
-        help=f"comma-separated served models, or 'all' ({', '.join(slo.PIPELINES)}); "
-        f"also {', '.join(slo.ALIASES)}",
+        help=f"comma-separated served models, or 'all' ({', '.join(slo.PIPELINES)}, and the generation "
+        f"suites of the served specs: {', '.join(generation.SUITES)}); also {', '.join(slo.ALIASES)}",
     )
     parser.add_argument(
         "--shape", default="all", help=f"comma-separated shapes or 'all' ({', '.join(slo.SHAPES)})"
@@ -207,6 +281,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--gate", action="append", default=[], help="override a gate: NAME=VALUE (repeatable)"
+    )
+    parser.add_argument(
+        "--generation-gate",
+        action="append",
+        default=[],
+        help=f"override a generation suite's gate: NAME=VALUE ({', '.join(generation.GATE_NAMES)})",
     )
     parser.add_argument("--shape-users", default="", help="override the shape's users (see loadtests.shapes)")
     parser.add_argument("--shape-seconds", default="", help="override the shape's lengths")
@@ -226,6 +306,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("give both --http-url and --grpc-url (a running server), or neither (start one)")
     try:
         slo.parse_overrides(args.gate)
+        generation.parse_overrides(args.generation_gate)
     except ValueError as error:
         parser.error(str(error))
     return args
@@ -239,12 +320,14 @@ def main(argv: list[str] | None = None) -> int:
     """Runs the suites; returns the exit status."""
     args = parse_args(argv)
     command_line = " ".join(["python -m loadtests.run", *(sys.argv[1:] if argv is None else argv)])
-    models = _selection(args.pipeline, tuple(slo.PIPELINES))
+    selected = _selection(args.pipeline, (*slo.PIPELINES, *served_generation_suites()))
+    streamed = [m for m in selected if m in generation.SUITES]
+    models = [m for m in selected if m not in generation.SUITES]
     shape_names = _selection(args.shape, slo.SHAPES)
     try:
         for model in models:
             slo.suite_of(model)
-        for shape in shape_names:
+        for shape in shape_names if models else ():
             shapes.phases(shape, slo.load(models[0], args.profile))
     except (KeyError, ValueError) as error:
         print(f"loadtests: {error}", file=sys.stderr)
@@ -257,13 +340,15 @@ def main(argv: list[str] | None = None) -> int:
     server = None
     http_url, grpc_url = args.http_url, args.grpc_url
     if not http_url:
-        server = _start_server(models, args.repository, out)
+        server = _start_server([*models, *streamed], args.repository, out)
         http_url, grpc_url = server.http_url, server.grpc_url
     reports = []
     try:
         for model in models:
             for shape in shape_names:
                 reports.append(run_one(model, shape, args, http_url, grpc_url, out))
+        for model in streamed:
+            reports.append(run_generation(model, args, http_url, grpc_url, out))
     finally:
         if server is not None:
             server.stop()
