@@ -634,6 +634,7 @@ class Engine:
                     leaving = list(self.waiting) + self.running
                     self.waiting.clear()
                     self.running = []
+                    self._cache = None
                     break
             self.step()
         events = [self._finish(s, FINISH_CANCELLED) for s in leaving]
@@ -657,6 +658,10 @@ class Engine:
                     if sequence.finish_reason is None:
                         events.append(self._finish(sequence, FINISH_ERROR, error))
         self.running = [s for s in self.running if s.finish_reason is None]
+        if not self.running:
+            # The last batch's members hold their requests (Triton's request objects, which a
+            # decoupled model must release before it can unload): let them go once idle.
+            self._cache = None
         if events:
             self.emit(events)
         return events

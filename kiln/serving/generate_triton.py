@@ -344,5 +344,8 @@ def decoupled_model() -> type:
             metrics = getattr(self, "metrics", None)
             if metrics is not None:
                 metrics.close()
+            # Nothing may keep a request alive past finalize: Triton waits for every request
+            # of a decoupled model to be released before the model counts as unloaded.
+            self.engine = self.metrics = None
 
     return TritonPythonModel
