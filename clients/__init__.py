@@ -7,8 +7,11 @@ Imports only `tritonclient` and `numpy` (no torch, onnx or tensorrt), so service
   health, metadata, `infer` with named numpy arrays, `infer_batch` for any number of items.
 - Task clients with typed results: `ImageClassifier`, `DigitsReader`, `TextEmbedder`,
   `FraudScorer`, and their asyncio twins `Async...`.
-- Results: `InferResult`, `Classification`, `Embeddings`, `FraudScore` (each with `latency_s` and
-  `request_id`); `ModelInfo` and `TensorInfo` describe a served model.
+- Text generation: `TextGenerator` / `AsyncTextGenerator` (`generate` a whole text, or `stream`
+  its deltas; closing a stream early cancels the request on the server).
+- Results: `InferResult`, `Classification`, `Embeddings`, `FraudScore`, `Generation` (each with
+  `latency_s` and `request_id`) and `GenerationDelta`; `ModelInfo` and `TensorInfo` describe a
+  served model.
 - Errors: `KilnError` and its subclasses; `RetryPolicy` configures retries.
 
 Example:
@@ -28,8 +31,21 @@ from kiln.clients.errors import (
     ServerError,
     ServerUnavailableError,
 )
+from kiln.clients.generation import (
+    AsyncGenerationStream,
+    AsyncTextGenerator,
+    GenerationStream,
+    TextGenerator,
+)
 from kiln.clients.models import ModelInfo, TensorInfo
-from kiln.clients.results import Classification, Embeddings, FraudScore, InferResult
+from kiln.clients.results import (
+    Classification,
+    Embeddings,
+    FraudScore,
+    Generation,
+    GenerationDelta,
+    InferResult,
+)
 from kiln.clients.retry import RetryPolicy
 from kiln.clients.tasks import (
     AsyncDigitsReader,
@@ -47,8 +63,10 @@ __all__ = [
     "AsyncClient",
     "AsyncDigitsReader",
     "AsyncFraudScorer",
+    "AsyncGenerationStream",
     "AsyncImageClassifier",
     "AsyncTextEmbedder",
+    "AsyncTextGenerator",
     "Classification",
     "Client",
     "DeadlineExceededError",
@@ -56,6 +74,9 @@ __all__ = [
     "Embeddings",
     "FraudScore",
     "FraudScorer",
+    "Generation",
+    "GenerationDelta",
+    "GenerationStream",
     "ImageClassifier",
     "InferResult",
     "InvalidInputError",
@@ -69,4 +90,5 @@ __all__ = [
     "ServerUnavailableError",
     "TensorInfo",
     "TextEmbedder",
+    "TextGenerator",
 ]

@@ -122,3 +122,59 @@ class FraudScore:
     decision: bool
     latency_s: float
     request_id: str | None = None
+
+
+@dataclass(frozen=True)
+class Generation:
+    """The text one generation request produced (`TextGenerator.generate`).
+
+    Attributes:
+        text: The generated text (the prompt not included; a stop string that ended it neither).
+        finish_reason: Why it ended: "stop" (the end-of-sequence token or a stop string),
+            "length" (`max_tokens` generated) or "cancelled" (the server ended the request, e.g.
+            the model was unloaded meanwhile).
+        prompt_tokens: Tokens in the prompt.
+        completion_tokens: Tokens generated.
+        latency_s: Client-side latency of the call, in seconds.
+        request_id: The request id sent, None when none was given.
+    """
+
+    text: str
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+    latency_s: float
+    request_id: str | None = None
+
+    @property
+    def total_tokens(self) -> int:
+        """Prompt and completion tokens together (what OpenAI's usage calls total_tokens)."""
+        return self.prompt_tokens + self.completion_tokens
+
+
+@dataclass(frozen=True)
+class GenerationDelta:
+    """One piece of a streamed generation (`TextGenerator.stream`).
+
+    Attributes:
+        text: The text generated since the previous delta (may be "" on the last one). Deltas
+            never split a UTF-8 character, and text that may begin a stop string is held back
+            until it is known not to.
+        finish_reason: None until the last delta; then "stop", "length" or "cancelled" (see
+            `Generation.finish_reason`).
+        prompt_tokens: Tokens in the prompt.
+        completion_tokens: Tokens generated so far (on the last delta: in all).
+        elapsed_s: Seconds from sending the request to receiving this delta; the first delta's is
+            the time to first token as the client sees it.
+    """
+
+    text: str
+    finish_reason: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    elapsed_s: float = 0.0
+
+    @property
+    def final(self) -> bool:
+        """Whether this is the last delta of its stream."""
+        return self.finish_reason is not None

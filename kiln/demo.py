@@ -74,6 +74,7 @@ def pipelines_demo(server: TritonServer, out: TextIO = sys.stdout) -> None:
         (tensors.IMAGE_CLASSIFIER, _image_classifier_demo),
         (tensors.TEXT_EMBEDDER, _text_embedder_demo),
         (tensors.FRAUD_SCORER, _fraud_scorer_demo),
+        (tensors.TEXT_GENERATOR, _text_generator_demo),
     )
     for name, demo in demos:
         if name not in ready:
@@ -141,3 +142,21 @@ def _fraud_scorer_demo(url: str, out: TextIO) -> None:
         for t, s in zip(truth, scores, strict=True)
     )
     print(f"demo: {tensors.FRAUD_SCORER} (held-out records): {shown}", file=out)
+
+
+def _text_generator_demo(url: str, out: TextIO) -> None:
+    from kiln.clients import TextGenerator
+
+    prompt = "The return value of"
+    print(f"demo: {tensors.TEXT_GENERATOR} (streamed over gRPC, greedy): {prompt!r} ->", end="", file=out)
+    with TextGenerator(url) as generator, generator.stream(prompt, max_tokens=32, temperature=0.0) as stream:
+        last = None
+        for delta in stream:
+            print(delta.text.replace("\n", " "), end="", flush=True, file=out)
+            last = delta
+    if last is not None:
+        print(
+            f"\n  ({last.finish_reason}, {last.completion_tokens} tokens; the model is tiny and "
+            "trained for a minute on Python's docs: expect docs-flavoured babble)",
+            file=out,
+        )

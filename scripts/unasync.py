@@ -31,6 +31,11 @@ PAIRS = (
         "The blocking task clients: `ImageClassifier`, `DigitsReader`, `TextEmbedder`, `FraudScorer`\n"
         "(see `kiln.clients.tasks`).",
     ),
+    (
+        "clients/_async_generate.py", "clients/_sync_generate.py",
+        "The blocking text generator: `TextGenerator` and `GenerationStream`, the deltas of one\n"
+        "streamed request (see `kiln.clients.generation`).",
+    ),
 )
 
 PHRASES = (
@@ -55,11 +60,16 @@ TOKENS = (
     (r"\bawait ", ""),
     (r"__aenter__", "__enter__"),
     (r"__aexit__", "__exit__"),
+    (r"__aiter__", "__iter__"),
+    (r"__anext__", "__next__"),
+    (r"\bStopAsyncIteration\b", "StopIteration"),
+    (r"\baclose\(", "close("),
     (r"\basyncio\.sleep\(", "time.sleep("),
     (r"\bAwaitable\[(\w+)\]", r"\1"),
     (r"\bAsyncTransport\b", "SyncTransport"),
     (r"\bAsyncFanOut\b", "SyncFanOut"),
-    (r"\b_async_(client|tasks)\b", r"_sync_\1"),
+    (r"\bAsync(StreamTransport|Replies)\b", r"Sync\1"),
+    (r"\b_async_(client|tasks|generate)\b", r"_sync_\1"),
     (r"\b_AsyncTask\b", "_Task"),
     (r"\bAsync(?=[A-Z])", ""),
 )

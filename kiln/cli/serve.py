@@ -6,6 +6,12 @@ command builds a `TritonServer` from the flags and hands it to `serve()`, which 
 stderr (unless --quiet) and always to a log file; errors are one or two lines on stderr, no
 traceback, and a non-zero exit code.
 
+When the repository serves a text-generation model (a decoupled kiln_generate model), `serve()`
+also starts kiln's OpenAI-compatible endpoints (`kiln.openai`: /v1/completions,
+/v1/chat/completions, /v1/models, /health) on their own port once Triton is ready
+(`--openai-port`, default 9000; `--no-openai` turns them off), prints their URL in the ready
+block and stops them on exit.
+
 While serving, `serve()` also watches the python backend's stub processes: Triton 2.51 neither
 restarts a stub that died (killed by the OOM killer, say) nor stops reporting its model READY, so
 every request to that model would fail until a restart. kiln reloads the model in place
@@ -23,9 +29,10 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 
 from kiln import paths
 from kiln.server import (
@@ -45,6 +52,9 @@ from kiln.server import (
     describe_returncode,
 )
 
+if TYPE_CHECKING:
+    from kiln.openai.server import OpenAIServer
+
 PROG = "kiln serve"
 EXIT_OK = 0
 EXIT_ERROR = 1
@@ -63,6 +73,19 @@ EXIT = "exit"
 DEFAULT_REPOSITORY_KEY_ENV = "KILN_REPOSITORY_KEY"
 
 OnReady = Callable[[TritonServer], None]
+DEFAULT_OPENAI_PORT = 9000
+"""Port of the OpenAI-compatible endpoints (`kiln.openai.server.DEFAULT_OPENAI_PORT`)."""
+
+
+@dataclass(frozen=True)
+class OpenAISettings:
+    """Where `serve()` runs the OpenAI-compatible endpoints (on Triton's host).
+
+    Attributes:
+        port: The port; FREE_PORT (0) picks a free one.
+    """
+
+    port: int = DEFAULT_OPENAI_PORT
 
 
 def add_serve_command(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -131,6 +154,17 @@ def _add_endpoint_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--free-ports", action="store_true",
         help="pick free ports for every endpoint not given a port flag",
+    )
+    parser.add_argument(
+        "--openai-port", type=int, default=None, metavar="PORT",
+        help="port of the OpenAI-compatible endpoints (/v1/completions, /v1/chat/completions, "
+        f"/v1/models, /health), started when a text-generation model is served (default: "
+        f"{DEFAULT_OPENAI_PORT}, or a free one if a Triton port flag takes it; a free one with "
+        "--free-ports or 0)",
+    )
+    parser.add_argument(
+        "--no-openai", action="store_true",
+        help="do not start the OpenAI-compatible endpoints",
     )
 
 
@@ -255,10 +289,31 @@ def run_serve(args: argparse.Namespace, on_ready: OnReady | None = None) -> int:
     try:
         server = server_from_args(args)
         policy = crash_policy(server, getattr(args, "on_backend_crash", None))
+        openai = openai_settings(args)
     except ValueError as error:  # inconsistent flags, e.g. two endpoints on one port
         print(f"{PROG}: error: {error}", file=sys.stderr)
         return EXIT_ERROR
-    return serve(server, on_ready=on_ready, on_backend_crash=policy)
+    return serve(server, on_ready=on_ready, on_backend_crash=policy, openai=openai)
+
+
+def openai_settings(args: argparse.Namespace) -> OpenAISettings | None:
+    """The OpenAI endpoints' settings the flags ask for; None with --no-openai.
+
+    Raises:
+        ValueError: A port out of range, or one of Triton's.
+    """
+    if getattr(args, "no_openai", False):
+        return None
+    triton = {args.http_port, args.grpc_port, args.metrics_port}
+    port = getattr(args, "openai_port", None)
+    if port is None:  # the default gives way to a Triton port given on the command line
+        default_taken = DEFAULT_OPENAI_PORT in triton
+        port = FREE_PORT if args.free_ports or default_taken else DEFAULT_OPENAI_PORT
+    if not FREE_PORT <= port <= 65535:
+        raise ValueError(f"--openai-port must be in {FREE_PORT}..65535, got {port}")
+    if port != FREE_PORT and port in triton:
+        raise ValueError(f"--openai-port {port} is also one of Triton's ports; give it its own")
+    return OpenAISettings(port=port)
 
 
 def serve(
@@ -268,6 +323,7 @@ def serve(
     out: TextIO | None = None,
     err: TextIO | None = None,
     on_backend_crash: str | None = None,
+    openai: OpenAISettings | None = None,
 ) -> int:
     """Starts `server`, prints its endpoints, runs `on_ready`, serves until Ctrl-C or SIGTERM.
 
@@ -282,6 +338,8 @@ def serve(
         err: Where errors go (default stderr).
         on_backend_crash: "reload" (explicit model-control mode only) or "exit"; default:
             reload in explicit mode, exit otherwise.
+        openai: Where to run the OpenAI-compatible endpoints, started once Triton is ready when
+            it serves a text-generation model (None: never).
 
     Returns:
         0 after a requested stop (Ctrl-C, SIGTERM), 1 when the server failed to start or died,
@@ -294,11 +352,13 @@ def serve(
     except ValueError as error:
         print(f"{PROG}: error: {error}", file=err, flush=True)
         return EXIT_ERROR
+    openai_server: OpenAIServer | None = None
     with _stop_signals_as_interrupt():
         try:
             try:
                 server.start()
-                _print_ready(server, out)
+                openai_server = _start_openai(server, openai, err)
+                _print_ready(server, out, openai_server)
                 _report_failed_models(server, err)
                 if on_ready is not None:
                     on_ready(server)
@@ -308,15 +368,65 @@ def serve(
                 server.check_running()  # it exited unasked: raises ServerExitedError
                 return EXIT_ERROR
             except KeyboardInterrupt:
+                if openai_server is not None:  # first: no new requests while Triton drains
+                    openai_server.stop()
                 return _stop_on_request(server, out)
             except TritonServerError as error:
                 _report(error, err)
                 return EXIT_ERROR
+            except OpenAIEndpointsError as error:
+                print(f"{PROG}: error: {error}", file=err, flush=True)
+                return EXIT_ERROR
         finally:
             try:
+                if openai_server is not None:
+                    openai_server.stop()
                 server.stop()
             except KeyboardInterrupt:  # a Ctrl-C during this last stop: the group is killed
                 pass
+
+
+class OpenAIEndpointsError(RuntimeError):
+    """The OpenAI-compatible endpoints could not start (e.g. their port is in use)."""
+
+
+def served_generation_models(server: TritonServer) -> list[str]:
+    """The READY models of `server` that kiln's OpenAI endpoints serve (decoupled kiln_generate)."""
+    from kiln.openai.protocol import generation_models
+
+    configs = {}
+    for name, state in server.models().items():
+        if state != "READY":
+            continue
+        try:
+            configs[name] = server.model_config(name)
+        except TritonServerError:
+            continue  # unloaded meanwhile
+    return generation_models(configs)
+
+
+def _start_openai(server: TritonServer, settings: OpenAISettings | None, err: TextIO) -> OpenAIServer | None:
+    """Starts the OpenAI endpoints on Triton's host when a generation model is served.
+
+    Raises:
+        OpenAIEndpointsError: Their port is in use, or they did not start.
+    """
+    if settings is None or not served_generation_models(server):
+        return None
+    try:
+        from kiln.openai.server import OpenAIServer, OpenAIServerError
+    except ImportError as error:  # FastAPI or uvicorn missing: Triton serves on without them
+        print(
+            f"{PROG}: the OpenAI-compatible endpoints need FastAPI and uvicorn ({error}); install "
+            "kiln's serve extra (pip install 'kiln[serve]'). Serving without them.",
+            file=err, flush=True,
+        )
+        return None
+    openai_server = OpenAIServer(server.grpc_url, host=server.host, port=settings.port)
+    try:
+        return openai_server.start()
+    except OpenAIServerError as error:
+        raise OpenAIEndpointsError(f"{error}; or --no-openai to serve without them") from error
 
 
 class _BackendWatchdog:
@@ -394,7 +504,7 @@ def _stop_on_request(server: TritonServer, out: TextIO) -> int:
     return EXIT_OK
 
 
-def _print_ready(server: TritonServer, out: TextIO) -> None:
+def _print_ready(server: TritonServer, out: TextIO, openai: OpenAIServer | None = None) -> None:
     try:
         version = f"tritonserver {server.metadata().get('version', '?')}"
     except TritonServerError:
@@ -409,6 +519,7 @@ def _print_ready(server: TritonServer, out: TextIO) -> None:
         f"  HTTP     http://{server.http_url}",
         f"  gRPC     {server.grpc_url}",
         f"  metrics  {server.metrics_url}",
+        *([f"  OpenAI   {openai.url} ({', '.join(openai.models) or 'no model yet'})"] if openai else []),
         f"  models   {listing or '(none)'}",
         f"  log      {server.log_path}",
     ]

@@ -477,6 +477,14 @@ class TritonServer:
         """
         return self._api.models()
 
+    def model_config(self, model: str) -> dict[str, Any]:
+        """`model`'s config as Triton serves it (GET /v2/models/<model>/config, as JSON).
+
+        Raises:
+            RepositoryApiError: Triton refused (e.g. no such model, or it is not loaded).
+        """
+        return self._api.config(model)
+
     # --- the model-repository API (explicit model-control mode) ---
 
     def load_model(

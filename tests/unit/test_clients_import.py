@@ -5,8 +5,9 @@ index the first time; the wheels are kept in a cache folder, so later runs insta
 seconds), puts a copy of kiln's sources laid out as installed (`kiln/`, `clients/` as
 `kiln/clients/`) on its path, and imports the SDK there: torch, onnx, onnxruntime, tensorrt,
 pillow, and kiln's server-side packages must neither be needed nor be imported. It then makes a
-client of each protocol and calls it against a closed port, which imports tritonclient's HTTP and
-gRPC transports the way a service would.
+client and a text generator (blocking and asyncio) of each protocol and calls them against a
+closed port, which imports tritonclient's HTTP and gRPC transports (and aiohttp, which
+tritonclient[http] brings) the way a service would.
 
 Takes about 10 s with the wheel cache, 25-60 s without. Set KILN_WHEEL_CACHE to choose the cache
 folder (default ~/.cache/kiln/client-sdk-wheels).
@@ -34,11 +35,19 @@ PIP_TIMEOUT_S = 300
 
 PROBE = textwrap.dedent(
     """
-    import json, sys
+    import asyncio, json, sys
     import kiln.clients
-    from kiln.clients import Client, ServerUnavailableError, ImageClassifier
+    from kiln.clients import AsyncTextGenerator, Client, ServerUnavailableError, ImageClassifier, TextGenerator
     after_import = sorted(sys.modules)
     results = {}
+
+    async def generate(url):
+        async with AsyncTextGenerator(url, timeout=5, retry=None) as generator:
+            try:
+                await generator.generate("hello")
+            except ServerUnavailableError as error:
+                return type(error).__name__
+
     for url in ("http://127.0.0.1:9", "grpc://127.0.0.1:9"):
         with Client(url, timeout=5, retry=None) as client:
             results[url] = client.is_live()
@@ -46,6 +55,12 @@ PROBE = textwrap.dedent(
                 client.infer("m", {"x": [[1.0]]}, validate=False)
             except ServerUnavailableError as error:
                 results[url + " infer"] = type(error).__name__
+        with TextGenerator(url, timeout=5, retry=None) as generator:
+            try:
+                list(generator.stream("hello"))
+            except ServerUnavailableError as error:
+                results[url + " stream"] = type(error).__name__
+        results[url + " async generate"] = asyncio.run(generate(url))
     print(json.dumps({"after_import": after_import, "modules": sorted(sys.modules), "results": results,
                       "file": kiln.clients.__file__}))
     """
@@ -101,10 +116,9 @@ def test_sdk_imports_with_only_tritonclient_and_numpy(tmp_path: Path) -> None:
         loaded = [m for m in HEAVY if m in modules or any(n.startswith(m + ".") for n in modules)]
         assert loaded == [], f"importing and using kiln.clients loaded {loaded}"
     assert report["results"] == {
-        "http://127.0.0.1:9": False,
-        "http://127.0.0.1:9 infer": "ServerUnavailableError",
-        "grpc://127.0.0.1:9": False,
-        "grpc://127.0.0.1:9 infer": "ServerUnavailableError",
+        f"{url}{call}": False if not call else "ServerUnavailableError"
+        for url in ("http://127.0.0.1:9", "grpc://127.0.0.1:9")
+        for call in ("", " infer", " stream", " async generate")
     }
     # The check is only meaningful if the heavy packages are really absent there.
     listed = _pip(python, "list", "--format=json")

@@ -29,9 +29,14 @@ PAIRS = [
     (clients.DigitsReader, clients.AsyncDigitsReader),
     (clients.TextEmbedder, clients.AsyncTextEmbedder),
     (clients.FraudScorer, clients.AsyncFraudScorer),
+    (clients.TextGenerator, clients.AsyncTextGenerator),
 ]
 IDS = [sync.__name__ for sync, _ in PAIRS]
 CONTEXT = {"__enter__": "__aenter__", "__exit__": "__aexit__"}
+RETURNS_STREAM = {"stream"}
+"""Methods that return a stream object at once (a plain function on both sides; the stream is
+iterated with `for` / `async for`)."""
+STREAM_PROTOCOL = {"__iter__": "__aiter__", "__next__": "__anext__", "close": "aclose", **CONTEXT}
 
 
 def public(cls: type) -> dict[str, object]:
@@ -82,9 +87,24 @@ def test_sync_and_async_offer_the_same_methods_with_the_same_parameters(sync: ty
             assert isinstance(theirs[name], property), name
             continue
         assert described(method) == described(theirs[name]), name
-        assert inspect.iscoroutinefunction(theirs[name]), f"{asynchronous.__name__}.{name} is not a coroutine"
         assert not inspect.iscoroutinefunction(method), f"{sync.__name__}.{name} is a coroutine"
+        if name in RETURNS_STREAM:
+            assert not inspect.iscoroutinefunction(theirs[name]), f"{asynchronous.__name__}.{name}"
+            continue
+        assert inspect.iscoroutinefunction(theirs[name]), f"{asynchronous.__name__}.{name} is not a coroutine"
     for enter, aenter in CONTEXT.items():
         assert hasattr(sync, enter) and hasattr(asynchronous, aenter)
         assert described(getattr(sync, enter)) == described(getattr(asynchronous, aenter))
+    assert described(sync.__init__) == described(asynchronous.__init__)
+
+
+def test_the_generation_streams_speak_the_iterator_protocols_of_their_side() -> None:
+    sync, asynchronous = clients.GenerationStream, clients.AsyncGenerationStream
+    assert asynchronous.__name__ == "Async" + sync.__name__
+    assert sorted(public(sync)) == ["close"] and sorted(public(asynchronous)) == ["aclose"]
+    for ours, theirs in STREAM_PROTOCOL.items():
+        assert described(getattr(sync, ours)) == described(getattr(asynchronous, theirs)), ours
+        assert not inspect.iscoroutinefunction(getattr(sync, ours)), ours
+        coroutine = theirs not in ("__aiter__",)
+        assert inspect.iscoroutinefunction(getattr(asynchronous, theirs)) is coroutine, theirs
     assert described(sync.__init__) == described(asynchronous.__init__)
