@@ -5,23 +5,25 @@ Python's `help()` shows (79 topics, about 465,000 characters on Python 3.11: the
 reference's sections and the built-in types' pages), so it is fixed for a Python version (the
 build's source hash records it). `split_topics` splits the topics, never a topic, into three
 disjoint sets by a seeded rule: the topic names, sorted and shuffled with `source.seed`, are walked
-in that order and each goes to evaluation while evaluation holds under `source.eval_share` of all
-characters, else to calibration while that holds under `source.calibration_share`, else to
-training (on 3.11 with seed 0: 51 training topics, 395,567 characters; 14 evaluation, 46,299;
-14 calibration, 23,104). No text is shared between the sets, so the held-out perplexity measures
-text the tokenizer and the model never saw. Each set is one token stream: every topic (in name
-order) encoded on its own and followed by `<|endoftext|>`, so the model learns to end.
+in that order and each goes to evaluation if evaluation then still holds at most
+`source.eval_share` of all characters, else to calibration if that then holds at most
+`source.calibration_share`, else to training (on 3.11 with seed 0: 51 training topics, 395,567
+characters; 14 evaluation, 46,299; 14 calibration, 23,104). No text is shared between the sets,
+so the held-out perplexity measures text the tokenizer and the model never saw. Each set is one
+token stream: every topic (in name order) encoded on its own and followed by `<|endoftext|>`, so
+the model learns to end.
 
 Tokenizer. `fit_tokenizer` trains a byte-level BPE of `source.vocab_size` tokens with HF
 `tokenizers` on the training topics only: ByteLevel pre-tokenizer (GPT-2's split, no prefix
 space) and decoder, the 256 byte symbols as the initial alphabet (so any text encodes), the special
-token `<|endoftext|>` as id 0. BPE training is deterministic (merges are ranked by count, ties by
-symbol ids, which come from the sorted alphabet; checked across processes with different hash
-seeds): unlike WordPiece (see `kiln.models.text_encoder.build.fit_tokenizer`) it needs no
-workaround. On 3.11 a 1,024-token vocabulary encodes the training topics into 135,664 tokens
-(2.9 characters a token). `extra_files` publishes it as `tokenizer.json`, with `generation.json`
-(`generation_config`): the facts a generation engine needs (end-of-text id, vocabulary, context,
-layers, heads, head dim; no beginning-of-sequence token: a prompt is encoded as is).
+token `<|endoftext|>` as id 0. BPE training came out deterministic (three processes with
+different hash seeds trained the same vocabulary, and a test trains it twice): unlike WordPiece
+(see `kiln.models.text_encoder.build.fit_tokenizer`) it needs no workaround. On 3.11 the
+1,024-token vocabulary makes the training stream 135,663 tokens (2.9 characters a token), the
+evaluation stream 15,111 and the calibration stream 8,175. `extra_files` publishes it as
+`tokenizer.json`, with `generation.json` (`generation_config`): the facts a generation engine
+needs (end-of-text id, vocabulary, context, layers, heads, head dim; no beginning-of-sequence
+token: a prompt is encoded as is).
 
 Model. `TinyLM` is a GPT-style decoder in plain torch, so the exported graph is exactly what is
 written here: token + learned position embeddings (from `position_ids` only, never from a tensor
@@ -472,8 +474,10 @@ def untrained(source: TinyLMSource) -> TinyLM:
 # --- training -------------------------------------------------------------------------------------
 
 TRAIN_THREADS = 2
-"""PyTorch threads while training: the machines this runs on have 2 cores, and a fixed count
-keeps the result independent of a bigger machine's core count."""
+"""PyTorch threads while training: the machines this runs on have 2 cores (one thread would take
+about 1.7x as long, past the time CI can give), and a fixed count keeps the result independent of
+a bigger machine's core count. On a 2-core machine busy with other work the two threads stall
+each other: the same training took 465 s instead of 77 (same weights: training is deterministic)."""
 BETAS = (0.9, 0.95)
 GRAD_CLIP = 1.0
 LOG_EVERY = 100
@@ -599,14 +603,14 @@ def windows(stream: np.ndarray, length: int) -> tuple[np.ndarray, np.ndarray]:
     return inputs, targets
 
 
-def prefill_inputs(model_source: TinyLMSource, input_ids: np.ndarray) -> tuple[np.ndarray, ...]:
+def prefill_inputs(source: TinyLMSource, input_ids: np.ndarray) -> tuple[np.ndarray, ...]:
     """The decoder's inputs for full windows from position 0 with an empty past: (input_ids, mask
     of ones, positions 0.., zero-length past per layer and kind), in the spec's input order."""
     count, length = input_ids.shape
     mask = np.ones((count, length), dtype=np.int64)
     positions = np.broadcast_to(np.arange(length, dtype=np.int64), (count, length)).copy()
-    empty = np.zeros((count, model_source.heads, 0, model_source.head_dim), dtype=np.float32)
-    return (np.ascontiguousarray(input_ids), mask, positions, *([empty] * (2 * model_source.layers)))
+    empty = np.zeros((count, source.heads, 0, source.head_dim), dtype=np.float32)
+    return (np.ascontiguousarray(input_ids), mask, positions, *([empty] * (2 * source.layers)))
 
 
 def mean_nll(logits: np.ndarray, targets: np.ndarray) -> float:
