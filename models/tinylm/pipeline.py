@@ -8,7 +8,7 @@ its pool has room. Clients reach it by gRPC streaming, Triton's HTTP `generate` 
 `generate_stream`, or kiln's OpenAI-compatible endpoints.
 
 Settings:
-- `kv_cache_tokens` 8192: 64 MB of keys and values for tinylm (4 layers x 2 x 256 floats per
+- `kv_cache_tokens` 8192: 16 MB of keys and values for tinylm (2 layers x 2 x 4 heads x 32 floats per
   token); at the default `max_tokens` 64 and prompts of tens of tokens that holds the 16 running
   sequences many times over, so the pool bounds memory, not concurrency, here.
 - `max_running` 16: the decode batch; beyond it, requests wait in the engine's queue.
