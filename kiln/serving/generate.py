@@ -622,6 +622,11 @@ class Engine:
     def idle(self) -> bool:
         return not self.waiting and not self.running
 
+    def handles(self) -> list[Any]:
+        """The handles of the waiting and running sequences (a snapshot, from any thread)."""
+        with self._lock:
+            return [s.handle for s in self.waiting] + [s.handle for s in tuple(self.running)]
+
     # -- the engine thread
 
     def run_forever(self) -> None:

@@ -257,10 +257,13 @@ def test_bad_requests_fail_alone_while_others_stream(server: TritonServer, refer
 def test_cancelling_a_stream_frees_its_sequence(server: TritonServer, reference) -> None:
     cancelled_before = settled(server, "kiln_generate_requests_total", finish_reason="cancelled")
     want = reference(PROMPTS[1], max_tokens=24)
+    loaded = g.LoadedModel.from_folder(model_folder(), g.default_params())
+    prompt = g.GenerationRequest.create(loaded.tokenizer, loaded.info, g.default_params(), PROMPTS[0])
+    longest = loaded.info.max_context - len(prompt.prompt_ids)  # all the context: as long as it can run
     doomed = Stream(server)
-    doomed.send("doomed", PROMPTS[0], max_tokens=200, temperature=0.0, stream=True)
+    kept = Stream(server)  # opened first: the doomed stream runs only tens of ms, the cancel must be sooner
+    doomed.send("doomed", PROMPTS[0], max_tokens=longest, temperature=0.0, stream=True)
     doomed.responses.get(timeout=30)  # it runs
-    kept = Stream(server)
     try:
         kept.send("kept", PROMPTS[1], max_tokens=24, temperature=0.0, stream=True)
         doomed.close(cancel=True)

@@ -275,6 +275,35 @@ def test_cancelling_frees_the_sequence_and_spares_the_others(loaded: g.LoadedMod
     assert engine.pool.used_tokens == 0
 
 
+def test_the_cancel_watcher_cancels_from_its_own_thread_what_the_client_left(loaded: g.LoadedModel) -> None:
+    from kiln.serving.generate_triton import CancelWatcher
+
+    recorder = Recorder()
+    engine = make_engine(loaded, recorder)
+    gone: set[str] = set()
+    asked: list[str] = []
+
+    def is_cancelled(handle: str) -> bool:
+        asked.append(handle)
+        return handle in gone
+
+    engine.submit(request(loaded, PROMPTS[0], max_tokens=60), "client-gone")
+    engine.submit(request(loaded, PROMPTS[1], max_tokens=60), "kept")
+    engine.step()
+    watcher = CancelWatcher(engine, is_cancelled, interval_s=3600.0)  # rounds driven by check()
+    try:
+        assert watcher.check() == 0 and sorted(asked) == ["client-gone", "kept"]
+        gone.add("client-gone")
+        assert watcher.check() == 1
+    finally:
+        watcher.close()
+    engine.step()
+    assert recorder.last("client-gone").finish_reason == g.FINISH_CANCELLED
+    assert [s.handle for s in engine.running] == ["kept"]
+    drain(engine)
+    assert engine.handles() == [] and engine.pool.used_tokens == 0
+
+
 class FailingOnce:
     """The real session, except that its `fail_at`-th run raises (a model fault)."""
 
