@@ -28,7 +28,7 @@ cache as ordinary inputs and outputs. No dynamic batcher: requests whose pasts d
 cannot be concatenated, and `allow_ragged_batch` would only group equal shapes again; a request
 carries its own batch (up to `max_batch_size` sequences, padded by the caller).
 
-Budgets, measured here (AMD EPYC, 2 cores, AVX2 without VNNI; Python 3.11.7, torch 2.13,
+Budgets, measured here (AMD EPYC, 2 cores, AVX-512 with VNNI; Python 3.11.7, torch 2.13,
 onnxruntime 1.32) with the metric "held-out perplexity reduction vs bigram": 1 - the model's
 held-out perplexity / an interpolated bigram's on the same 15,104 held-out tokens (Witten-Bell,
 fitted on the same training split; `kiln.models.tinylm.build`). Higher is better, 0 is the bigram's
@@ -48,10 +48,10 @@ baseline), unigram 379, the seeded untrained model 1,033 (reduction -24.4).
   op (drop 0.20) fails it. A quantization that breaks only the cache (drop 0.002) is caught by
   `verify`, not by this budget. Speed vs FP32 (served settings, 1 thread): prefill of 256 tokens
   2.8 vs 4.2 ms, of 32 tokens 0.41 vs 0.56 ms; a decode step (one token, past of 128) 0.144 vs
-  0.126 ms at batch 1 and 0.41 vs 0.31 ms at batch 8: slower, the matrices being too small to pay
-  for quantizing activations on a CPU without VNNI, so generation is better served from FP32 here.
+  0.126 ms at batch 1 and 0.41 vs 0.31 ms at batch 8: slower even with VNNI, the matrices being
+  too small to pay for quantizing activations, so generation is better served from FP32 here.
 - fp16 is left out: ONNX Runtime's CPU provider has few float16 kernels, and FP16 ran no faster
-  than FP32 on this CPU for text_encoder (docs/results.md); FP16 is for GPUs.
+  than FP32 for text_encoder and resnet50 on the project's CPUs (docs/results.md); it is for GPUs.
 """
 
 from __future__ import annotations
