@@ -1,4 +1,4 @@
-"""The `kiln` command: generate, build, serve.
+"""The `kiln` command: generate, build, serve, publish.
 
 One module per subcommand, each with its `add_<command>_command(subparsers)` and run function:
 
@@ -7,6 +7,7 @@ One module per subcommand, each with its `add_<command>_command(subparsers)` and
     serve     `kiln serve`: the embedded tritonserver until Ctrl-C, watching its backend stubs
     add       `kiln add`: a model folder from an ONNX file or a PyTorch factory (`kiln.byom`)
     tune      `kiln tune`: sweep a model's dynamic batching with perf_analyzer (`kiln.tune`)
+    publish   `kiln publish`: upload the model repository to an S3 bucket (`kiln.publish_remote`)
 
 `served_specs()` is the one place the CLI learns which specs kiln serves. `python -m kiln.cli`
 runs the command too.
@@ -33,7 +34,7 @@ def served_specs() -> tuple[Spec, ...]:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of `kiln` with every subcommand registered."""
-    from kiln.cli import add, build, generate, serve, tune
+    from kiln.cli import add, build, generate, publish, serve, tune
 
     parser = argparse.ArgumentParser(
         prog="kiln", description="Build, quantize and serve PyTorch models on Triton."
@@ -44,6 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_demo_flag(serve.add_serve_command(subparsers))
     add.add_add_command(subparsers)
     tune.add_tune_command(subparsers)
+    publish.add_publish_command(subparsers)
     return parser
 
 

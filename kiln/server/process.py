@@ -16,7 +16,7 @@ import subprocess
 import tempfile
 import threading
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,6 +42,15 @@ SHM_TOKEN_CHARS = 8
 PR_SET_PDEATHSIG = 1
 """prctl(2) option: deliver a signal to the child when the parent (thread) dies."""
 WORKDIR_PREFIX = "kiln-triton-"
+REMOTE_REPOSITORY_SCHEMES = ("s3://", "gs://", "as://")
+"""Object stores tritonserver 2.51 reads a model repository from (compiled into the wheel's
+libtritonserver): such a repository is passed to --model-repository as written."""
+
+
+def is_repository_url(repository: object) -> bool:
+    """Whether `repository` is an object-storage URL (a str starting with s3://, gs:// or
+    as://) rather than a local folder. A Path never is: Path("s3://b") would collapse the '//'."""
+    return isinstance(repository, str) and repository.startswith(REMOTE_REPOSITORY_SCHEMES)
 
 
 def check_model_control(model_control_mode: str, load_models: Sequence[str]) -> None:
@@ -60,7 +69,8 @@ class Options:
     """The tritonserver flags kiln sets (besides the binary's own folders, picked per launch).
 
     Attributes:
-        repository: The model repository.
+        repository: The model repository: a folder, or an object-storage URL (`is_repository_url`)
+            passed through as written.
         host: The interface of every endpoint.
         ports: The HTTP, gRPC and metrics ports (none 0).
         model_control_mode: "none", "explicit" or "poll".
@@ -71,7 +81,7 @@ class Options:
         extra_args: Passed through last (Triton takes the last value of a repeated flag).
     """
 
-    repository: Path
+    repository: Path | str
     host: str
     ports: Ports
     model_control_mode: str
@@ -83,9 +93,10 @@ class Options:
 
     def command(self, binary: Path, backend_dir: Path, shm_prefix: str) -> list[str]:
         """tritonserver's command line."""
+        repository = self.repository if isinstance(self.repository, str) else self.repository.resolve()
         command = [
             str(binary),
-            f"--model-repository={self.repository.resolve()}",
+            f"--model-repository={repository}",
             f"--backend-directory={backend_dir}",
             f"--backend-config=python,shm-region-prefix-name={shm_prefix}",
             f"--model-control-mode={self.model_control_mode}",
@@ -148,7 +159,12 @@ class TritonProcess:
         return self.popen.poll() if self.popen is not None else None
 
     def launch(
-        self, binary: Path, triton_root: Path, backends: tuple[Path, Sequence[str]], options: Options
+        self,
+        binary: Path,
+        triton_root: Path,
+        backends: tuple[Path, Sequence[str]],
+        options: Options,
+        env: Mapping[str, str] | None = None,
     ) -> None:
         """Assembles the backend directory, opens the log, starts tritonserver, follows its output.
 
@@ -157,6 +173,8 @@ class TritonProcess:
             triton_root: The folder holding its python backend and stubs.
             backends: The folder of kiln's backends and the names of those to copy.
             options: Its flags.
+            env: Variables set for tritonserver (and its stubs) over kiln's own environment
+                (`triton_environment`), e.g. the AWS_* credentials of an s3:// repository.
 
         Raises:
             BinaryNotFoundError: the binary could not be run, or this Python has no stub.
@@ -175,7 +193,7 @@ class TritonProcess:
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT,
-                env=triton_environment(triton_root),
+                env={**triton_environment(triton_root), **(env or {})},
                 # Own session: a terminal's Ctrl-C reaches kiln only, which then stops Triton.
                 start_new_session=True,
                 preexec_fn=_pdeathsig_preexec(),
