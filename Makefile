@@ -9,7 +9,7 @@ BENCH_ARGS ?=
 MODEL ?=
 TUNE_ARGS ?=
 
-.PHONY: setup generate check-generated build-engines serve test test-unit test-integration test-numeric-variation loadtest bench tune soak lint clean
+.PHONY: setup generate check-generated build-engines serve test test-unit test-integration test-numeric-variation loadtest bench tune soak lint clean image lint-deploy
 
 setup:  ## create .venv and install kiln with every extra, Debian packages included
 	@scripts/setup.sh
@@ -63,3 +63,16 @@ lint: setup
 clean:  ## remove build outputs (not the virtual environment)
 	rm -rf artifacts .setuptools-build
 	find model_repository -mindepth 3 -type f -not -name .gitkeep -delete 2>/dev/null || true
+
+IMAGE ?= kiln-triton:0.1.0
+image:  ## build deploy/Dockerfile's serving image IMAGE (needs a Docker engine with BuildKit; builds the models first)
+	@if ! docker info >/dev/null 2>&1; then \
+		echo "make image: no Docker engine answers here (docker info failed), so no image was built; run it where Docker runs (docs/deploy.md)" >&2; \
+		exit 1; \
+	fi
+	$(MAKE) build-engines
+	DOCKER_BUILDKIT=1 docker build -f deploy/Dockerfile -t $(IMAGE) .
+
+lint-deploy: setup  ## hadolint deploy/Dockerfile; render, lint and validate the Helm chart and the KServe objects offline
+	$(VENV)/bin/hadolint -t style deploy/Dockerfile
+	$(PY) -m pytest tests/unit/test_deploy_manifests.py
