@@ -9,7 +9,7 @@ BENCH_ARGS ?=
 MODEL ?=
 TUNE_ARGS ?=
 
-.PHONY: setup generate check-generated build-engines serve test test-unit test-integration test-numeric-variation loadtest bench tune soak lint clean image lint-deploy
+.PHONY: setup generate check-generated build-engines serve test test-unit test-integration test-numeric-variation loadtest bench tune soak lint clean image lint-deploy capacity
 
 setup:  ## create .venv and install kiln with every extra, Debian packages included
 	@scripts/setup.sh
@@ -63,6 +63,12 @@ lint: setup
 clean:  ## remove build outputs (not the virtual environment)
 	rm -rf artifacts .setuptools-build
 	find model_repository -mindepth 3 -type f -not -name .gitkeep -delete 2>/dev/null || true
+
+capacity: build-engines  ## calibrate the cluster model here (~2 min, under the bench lock), validate it, the replicas-for-load table and a load step; results/cluster-* (docs/capacity.md)
+	flock /tmp/kiln-bench.lock $(PY) -m benchmarks.cluster_calibrate
+	$(PY) -m benchmarks.cluster_sim validate
+	$(PY) -m benchmarks.cluster_sim curve
+	$(PY) -m benchmarks.cluster_sim step --from 2000 --to 8000
 
 IMAGE ?= kiln-triton:0.1.0
 image:  ## build deploy/Dockerfile's serving image IMAGE (needs a Docker engine with BuildKit; builds the models first)
