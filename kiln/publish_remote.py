@@ -25,8 +25,9 @@ size and hash equal the local file's is not uploaded again. An object written by
 
 Only s3:// is written here (boto3); gs:// and as:// are refused with the tool to use instead,
 though `kiln serve` and `TritonServer` serve all three. Models that read other models' folders
-at load (fused pipelines, steps with a `*_model` parameter) are published but do not load from a
-bucket yet (`reads_other_folders`); the command says which.
+at load (fused pipelines, steps with a `*_model` parameter; `reads_other_folders`) fetch those
+from the bucket when served from it (`kiln.serving.remote`); the command names them, since that
+needs boto3 and read access where tritonserver runs.
 """
 
 from __future__ import annotations
@@ -321,9 +322,9 @@ def model_dependencies(name: str, config_text: str, available: Iterable[str] = (
 def reads_other_folders(name: str, config_text: str, available: Iterable[str] = ()) -> bool:
     """Whether the model reads other models' folders when it loads: a fused pipeline (its steps'
     configs and files) or a step with a `*_model` parameter. Triton 2.51 downloads each model of
-    a bucket into a temporary folder of its own, so such a model does not load from a bucket
-    (docs/operations.md, "Model repository in object storage"); an ensemble, which Triton wires
-    by name, does."""
+    a bucket into a temporary folder of its own, so served from a bucket such a model fetches
+    those folders from it (`kiln.serving.remote`; docs/operations.md, "Model repository in
+    object storage"); an ensemble, which Triton wires by name, does not need to."""
     config = _parse_config(name, config_text)
     return config.backend == FUSED_BACKEND or bool(_parameter_models(name, config, available))
 
@@ -682,13 +683,14 @@ class Outcome:
         plan: The plan it ran.
         dry_run: Whether nothing was written.
         seconds: Wall time.
-        not_servable: Published models Triton 2.51 cannot load from a bucket (`reads_other_folders`).
+        readers: Published models that read other models' folders at load, fetched from the
+            bucket when served from it (`reads_other_folders`).
     """
 
     plan: Plan
     dry_run: bool
     seconds: float
-    not_servable: tuple[str, ...] = ()
+    readers: tuple[str, ...] = ()
 
 
 def human_bytes(count: int) -> str:
@@ -747,8 +749,8 @@ def publish(
         _say(out, f"  {'would delete' if dry_run else 'deleted'} "
                   f"{location.scheme}://{location.bucket}/{location.key(relative)}")
     available = sorted(configs)
-    not_servable = tuple(n for n in names if reads_other_folders(n, configs[n] or "", available))
-    return Outcome(decided, dry_run, time.monotonic() - started, not_servable)
+    readers = tuple(n for n in names if reads_other_folders(n, configs[n] or "", available))
+    return Outcome(decided, dry_run, time.monotonic() - started, readers)
 
 
 def _say(out: TextIO | None, line: str) -> None:

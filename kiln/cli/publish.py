@@ -117,11 +117,11 @@ def run_publish(args: argparse.Namespace) -> int:
         f"{PROG}: done in {outcome.seconds:.1f} s: {len(done.models)} model(s), {done.uploads} files {verb} "
         f"({human_bytes(done.upload_bytes)}), {done.unchanged} unchanged{deleted}",
     )
-    if outcome.not_servable:
+    if outcome.readers:
         print(
-            f"{PROG}: note: {', '.join(outcome.not_servable)} read other models' folders when they "
-            "load, which Triton 2.51 does not give a model served from a bucket: serve those from "
-            "a local copy (docs/operations.md, \"Model repository in object storage\")",
+            f"{PROG}: note: {', '.join(outcome.readers)} read other models' folders when they "
+            "load: served from a bucket, they fetch them from it (boto3 and the same credentials "
+            "where tritonserver runs; docs/operations.md, \"Model repository in object storage\")",
             flush=True,
         )
     credentials = "" if os.environ.get("AWS_ACCESS_KEY_ID") else " with AWS credentials in its environment"

@@ -50,6 +50,7 @@ from kiln.server import (
     TritonServer,
     TritonServerError,
     describe_returncode,
+    is_repository_url,
 )
 
 if TYPE_CHECKING:
@@ -135,8 +136,11 @@ def run_serve_command(args: argparse.Namespace) -> int:
 
 def _add_endpoint_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--repository", type=Path, default=paths.model_repository(),
-        help="model repository to serve (default: %(default)s)",
+        "--repository", type=repository_arg, default=paths.model_repository(),
+        help="model repository to serve: a folder, or an object-storage URL Triton downloads the "
+        "models from (s3://BUCKET/PREFIX, s3://http://HOST:PORT/BUCKET/PREFIX for an "
+        "S3-compatible server, gs://, as://; credentials from the environment, e.g. "
+        "AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_DEFAULT_REGION) (default: %(default)s)",
     )
     parser.add_argument(
         "--host", default=DEFAULT_HOST,
@@ -166,6 +170,12 @@ def _add_endpoint_flags(parser: argparse.ArgumentParser) -> None:
         "--no-openai", action="store_true",
         help="do not start the OpenAI-compatible endpoints",
     )
+
+
+def repository_arg(value: str) -> Path | str:
+    """--repository: an object-storage URL stays a str (a Path would turn s3://http://h:p/b into
+    s3:/http:/h:p/b); anything else is a folder."""
+    return value if is_repository_url(value) else Path(value)
 
 
 def _add_model_flags(parser: argparse.ArgumentParser) -> None:

@@ -3,7 +3,10 @@
 `TritonServer` assembles a backend directory (Triton's python backend with the stub of the running
 Python, plus every kiln backend), starts tritonserver against a model repository in its own
 process group, streams and saves its log, waits until it is ready, and shuts it down cleanly. The
-tests, the benchmarks and `kiln serve` all start Triton through it.
+tests, the benchmarks and `kiln serve` all start Triton through it. The repository is a folder or
+an object-storage URL (s3://, gs://, as://; see docs/operations.md, "Model repository in object
+storage"): Triton downloads each model from there, and kiln's backends still come from the
+backend directory kiln assembles, so nothing else changes.
 
 Errors a user meets (a port in use, no tritonserver binary, no repository, a model that fails to
 load, Triton exiting) raise a subclass of `TritonServerError` whose message says what happened and what
@@ -34,6 +37,7 @@ from __future__ import annotations
 
 import atexit
 import os
+import re
 import subprocess
 import time
 from collections.abc import Mapping, Sequence
@@ -94,6 +98,7 @@ from kiln.server.process import (
     KILL_WAIT_S,
     MODEL_CONTROL_MODES,
     PR_SET_PDEATHSIG,
+    REMOTE_REPOSITORY_SCHEMES,
     SHM_DIR,
     SHM_PREFIX_TEMPLATE,
     SHM_TOKEN_CHARS,
@@ -102,6 +107,7 @@ from kiln.server.process import (
     Options,
     TritonProcess,
     check_model_control,
+    is_repository_url,
 )
 from kiln.server.repository_api import (
     DEFAULT_REPOSITORY_KEY_HEADER,
@@ -136,6 +142,7 @@ from kiln.server.stubs import (
     BackendProcess,
     StubWatcher,
 )
+from kiln.serving.remote import REPOSITORY_URL_ENV
 
 __all__ = [
     # errors
@@ -155,7 +162,7 @@ __all__ = [
     # the process
     "MODEL_CONTROL_MODES", "DEFAULT_STARTUP_TIMEOUT_S", "TRITON_EXIT_TIMEOUT_S", "STOP_GRACE_S",
     "KILL_WAIT_S", "READY_POLL_INTERVAL_S", "SHM_DIR", "SHM_PREFIX_TEMPLATE", "SHM_TOKEN_CHARS",
-    "PR_SET_PDEATHSIG",
+    "PR_SET_PDEATHSIG", "REMOTE_REPOSITORY_SCHEMES", "is_repository_url",
     # the log
     "LOG_READER_JOIN_S", "LOG_MEMORY_LINES", "ERROR_TAIL_LINES",
     # the HTTP and repository API
@@ -174,6 +181,12 @@ KEEP_SERVING_ARGS = ("--exit-on-error=false", "--strict-readiness=false")
 DEFAULT_STARTUP_TIMEOUT_S = 120.0
 """How long `start()` waits for readiness; model loading dominates (ONNX Runtime sessions)."""
 READY_POLL_INTERVAL_S = 0.1
+SERVER_INIT_ERROR = re.compile(r'^E\d+ [\d:.]+ +\d+ tritonserver\.cc:\d+\] "(.+)"\s*$', re.M)
+"""tritonserver's own startup error line (not a model's). With a repository URL it is how Triton
+says it cannot read the bucket ("Unable to create S3 filesystem client...", "repository path is
+not a valid directory"), and with --exit-on-error=false it then runs on, never ready."""
+MODELS_FAILED_LINE = "failed to load all models"
+"""The startup error line that only sums up model failures (those are reported per model)."""
 
 
 class TritonServer:
@@ -183,7 +196,12 @@ class TritonServer:
     `stop()`; an atexit hook stops a server that is still running when Python exits.
 
     Args:
-        repository: The model repository; default `kiln.paths.model_repository()`.
+        repository: The model repository; default `kiln.paths.model_repository()`. A str
+            starting with s3://, gs:// or as:// is an object-storage URL, passed to
+            --model-repository as written (an S3-compatible server's endpoint goes inside it:
+            `s3://http://HOST:PORT/BUCKET/PREFIX`); its credentials come from the environment
+            (`env`, else kiln's own: AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY,
+            AWS_DEFAULT_REGION, ...). Anything else is a folder, which must exist.
         host: Interface the HTTP, gRPC and metrics endpoints bind to.
         http_port: HTTP port; 0 picks a free one.
         grpc_port: gRPC port; 0 picks a free one.
@@ -213,6 +231,12 @@ class TritonServer:
             returns once it answers, and `failed_models()` names each failed model and Triton's
             reason (what `kiln serve` does). False (the default): `start()` raises
             ModelLoadFailedError, and Triton exits.
+        env: Environment variables for tritonserver and its backend stubs, set over kiln's own
+            environment (os.environ, with this Python first on PATH and the wheel's libraries on
+            LD_LIBRARY_PATH; a PATH or LD_LIBRARY_PATH given here replaces those). E.g. the
+            AWS_* credentials or TRITON_AWS_MOUNT_DIRECTORY of an s3:// repository. For a
+            repository URL, KILN_REPOSITORY_URL is set to it too (unless given here): kiln's
+            stubs fetch the other models' folders they read from there (`kiln.serving.remote`).
     """
 
     def __init__(
@@ -236,6 +260,7 @@ class TritonServer:
         repository_key: str | None = None,
         repository_key_header: str = DEFAULT_REPOSITORY_KEY_HEADER,
         keep_serving_on_model_failure: bool = False,
+        env: Mapping[str, str] | None = None,
     ) -> None:
         check_repository_key(repository_key, repository_key_header)
         check_model_control(model_control_mode, load_models)
@@ -243,7 +268,14 @@ class TritonServer:
         check_ports(requested)
         if exit_timeout < 0:
             raise ValueError(f"exit_timeout must be >= 0, got {exit_timeout}")
-        self.repository = Path(repository) if repository is not None else paths.model_repository()
+        self.repository: Path | str
+        if repository is None:
+            self.repository = paths.model_repository()
+        elif is_repository_url(repository):
+            self.repository = str(repository)
+        else:
+            self.repository = Path(repository)
+        self.env = dict(env or {})
         self.host = host
         self.model_control_mode = model_control_mode
         self.load_models = tuple(load_models)
@@ -368,7 +400,7 @@ class TritonServer:
         if self.pid is not None:
             raise TritonServerError("this TritonServer was already started; create a new one")
         binary = find_tritonserver(self._binary_arg)
-        if not self.repository.is_dir():
+        if isinstance(self.repository, Path) and not self.repository.is_dir():
             what = "is not a folder" if self.repository.exists() else "does not exist"
             raise RepositoryNotFoundError(
                 f"model repository {self.repository} {what}; pass --repository or build it "
@@ -548,7 +580,7 @@ class TritonServer:
 
     def _launch(self, binary: Path, triton_root: Path, ports: Ports) -> None:
         self._run = TritonProcess(self._log)
-        self._run.launch(binary, triton_root, self._backends(), self._options(ports))
+        self._run.launch(binary, triton_root, self._backends(), self._options(ports), self._environment())
         self._ports = ports
         atexit.register(self.stop)
 
@@ -587,7 +619,7 @@ class TritonServer:
         while True:
             if process.poll() is not None:
                 self._log.drain()
-                raise self._log.failure() or ServerExitedError(
+                raise self._log.failure() or self._repository_failure() or ServerExitedError(
                     "tritonserver exited during startup",
                     process.returncode,
                     self.log_tail(),
@@ -602,7 +634,7 @@ class TritonServer:
             elif status is not None:
                 # HTTP is up, so loading is over; not ready with a failed model means it never
                 # will be (e.g. --exit-on-error=false): report the model now, not at the deadline.
-                failure = self._log.failure()
+                failure = self._log.failure() or self._repository_failure()
                 if failure is not None:
                     raise failure
             if time.monotonic() >= deadline:
@@ -614,6 +646,31 @@ class TritonServer:
                     log_path=self.log_path,
                 )
             time.sleep(READY_POLL_INTERVAL_S)
+
+    def _environment(self) -> dict[str, str]:
+        """`env`, plus, for a repository URL, KILN_REPOSITORY_URL: Triton gives a model it
+        downloads a temporary folder of its own, so kiln's stubs fetch the other models' folders
+        they read (a fused pipeline's steps, a step's `*_model`) from this URL
+        (`kiln.serving.remote`). A value in `env` wins."""
+        if isinstance(self.repository, str):
+            return {REPOSITORY_URL_ENV: self.repository, **self.env}
+        return dict(self.env)
+
+    def _repository_failure(self) -> RepositoryNotFoundError | None:
+        """Triton could not read a repository URL (it logs why), named with what to check."""
+        if not isinstance(self.repository, str):
+            return None  # a folder was checked before the start
+        errors = [m for m in SERVER_INIT_ERROR.findall(self._log.text()) if MODELS_FAILED_LINE not in m]
+        if not errors:
+            return None
+        return RepositoryNotFoundError(
+            f"tritonserver cannot read the model repository {self.repository}: {errors[-1]}; check "
+            "the bucket and prefix, the endpoint (an S3-compatible server goes inside the URL: "
+            "s3://http://HOST:PORT/BUCKET/PREFIX) and the credentials in tritonserver's "
+            "environment (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_DEFAULT_REGION, or "
+            "AWS_PROFILE; `env`)",
+            log_path=self.log_path,
+        )
 
     def _other_endpoints_listen(self) -> bool:
         """Whether gRPC and metrics accept connections too: Triton starts them around HTTP, not

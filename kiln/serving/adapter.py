@@ -15,6 +15,10 @@ adapter
   server, as costly as a good part of the step itself), and at once for a batch with a failed
   request (see `StepCounters`).
 
+A model Triton loaded from a repository in object storage gets only its own folder (a temporary
+copy), so what a step reads from other models' folders (`LoadContext.artifact`, `model_folder`,
+`find_artifact`) is fetched from the same bucket there (`kiln.serving.remote`).
+
 `triton_python_backend_utils` exists only inside the backend stub, so it is imported when a
 model class is made, never at import time.
 """
@@ -34,6 +38,15 @@ from typing import Any, Protocol
 import numpy as np
 
 from kiln.serving.params import config_parameters
+from kiln.serving.remote import (
+    RemoteRepository,
+    fetch_model,
+    is_copy,
+    own_copy,
+    remote_repository,
+    repository_url,
+    unknown_url_message,
+)
 
 Inputs = dict[str, "np.ndarray | None"]
 Outputs = dict[str, np.ndarray]
@@ -77,10 +90,14 @@ class LoadContext:
 
     Attributes:
         model_name: The model's name in the repository.
-        model_dir: `<repository>/<model>`, where config.pbtxt and the spec's `files` live.
+        model_dir: `<repository>/<model>`, where config.pbtxt and the spec's `files` live; for a
+            model Triton loaded from object storage, Triton's temporary copy of that folder.
         version_dir: `<model_dir>/<version>` being loaded.
         config: The model config as Triton passes it (parsed JSON).
         parameters: The config's `parameters` as str -> str.
+        remote: The repository in object storage the model came from (`kiln.serving.remote`):
+            other models' folders are fetched from there, since Triton puts none beside the
+            copy. None for a local repository (they are sibling folders).
     """
 
     model_name: str
@@ -88,10 +105,12 @@ class LoadContext:
     version_dir: Path
     config: Mapping[str, Any]
     parameters: Mapping[str, str]
+    remote: RemoteRepository | None = None
 
     @property
     def repository(self) -> Path:
-        """The model repository holding this model."""
+        """The model repository holding this model (for a remote one: the folder holding the
+        local copies; use `model_folder` for another model's folder)."""
         return self.model_dir.parent
 
     def model_file(self, name: str) -> Path:
@@ -104,16 +123,53 @@ class LoadContext:
             )
         return path
 
+    def model_folder(self, model: str) -> Path:
+        """Another repository model's folder: its sibling folder in a local repository, or
+        fetched from the bucket the model was loaded from (`remote`).
+
+        Raises:
+            ValueError: `model` is not one path segment.
+            RemoteFetchError: it cannot be fetched (the message names the URL and the object).
+        """
+        check_model_name(model, self.model_name)
+        if self.remote is not None:
+            return self.remote.model_folder(model, for_model=self.model_name)
+        return self.repository / model
+
     def artifact(self, model: str, name: str) -> Path:
         """`name` in the newest version folder of another repository model (e.g. the tokenizer
         the build published beside text_encoder); see `find_artifact`."""
-        return find_artifact(self.repository, model, name, for_model=self.model_name)
+        _check_file_name(name, self.model_name)
+        folder = self.model_folder(model)
+        source = f"{self.remote.url.rstrip('/')}/{model}/" if self.remote is not None else None
+        hint = unknown_url_message(self.model_dir, self.model_name) if (
+            self.remote is None and is_copy(self.model_dir, self.model_name)
+        ) else None
+        return _newest_artifact(folder, model, name, for_model=self.model_name, source=source, hint=hint)
+
+
+def check_model_name(model: str, for_model: str) -> None:
+    """ValueError unless `model` is one path segment (nothing outside the repository)."""
+    if not _MODEL_NAME.match(model) or model in (".", ".."):
+        raise ValueError(f"model '{for_model}': {model!r} is not a model name")
+
+
+def _check_file_name(name: str, for_model: str) -> None:
+    if not _MODEL_NAME.match(name):
+        raise ValueError(f"model '{for_model}': {name!r} is not a file name (one path segment)")
 
 
 def find_artifact(repository: Path, model: str, name: str, *, for_model: str) -> Path:
     """`name` in the newest version folder of `model` in `repository` that holds it: where a
     step finds what the build published beside another model. The model name must be one path
     segment, so nothing outside the repository can be reached.
+
+    A model Triton loaded from object storage sits alone in a temporary folder (its parent is
+    what a stub takes for `repository`), so when the asking model was loaded from such a copy
+    (the stub's own folder, `kiln.serving.remote.own_copy`, is not named after it; outside a
+    stub: `repository` holds no folder of `for_model`) and the repository URL is known
+    (`kiln.serving.remote.repository_url`), `model`'s folder is fetched from that URL instead.
+    A local repository holds the asking model's folder under its name and never takes that path.
 
     Args:
         repository: The model repository.
@@ -124,12 +180,28 @@ def find_artifact(repository: Path, model: str, name: str, *, for_model: str) ->
     Raises:
         ValueError: `model` or `name` is not one path segment.
         FileNotFoundError: no version folder holds the file (the message says to build).
+        RemoteFetchError: the model's folder cannot be fetched from the bucket.
     """
-    if not _MODEL_NAME.match(model) or model in (".", ".."):
-        raise ValueError(f"model '{for_model}': {model!r} is not a model name")
-    if not _MODEL_NAME.match(name):
-        raise ValueError(f"model '{for_model}': {name!r} is not a file name (one path segment)")
-    folder = Path(repository) / model
+    check_model_name(model, for_model)
+    _check_file_name(name, for_model)
+    folder, source, hint = Path(repository) / model, None, None
+    own = own_copy(Path(repository))  # in a stub: the folder Triton loaded for_model from
+    copied = is_copy(own, for_model) if own is not None else not (Path(repository) / for_model).is_dir()
+    if copied:
+        url = repository_url()
+        if url:
+            folder = fetch_model(url, model, for_model=for_model, home=own)
+            source = f"{url.rstrip('/')}/{model}/"
+        else:
+            hint = unknown_url_message(Path(repository), for_model)
+    return _newest_artifact(folder, model, name, for_model=for_model, source=source, hint=hint)
+
+
+def _newest_artifact(
+    folder: Path, model: str, name: str, *, for_model: str, source: str | None, hint: str | None
+) -> Path:
+    """`folder/<newest version holding name>/name`; FileNotFoundError naming where it looked
+    (`source`: the URL the folder was fetched from) and, with `hint`, why that may be."""
     versions = sorted(
         (int(p.name) for p in folder.iterdir() if p.is_dir() and _VERSION.match(p.name))
         if folder.is_dir() else ()
@@ -138,10 +210,16 @@ def find_artifact(repository: Path, model: str, name: str, *, for_model: str) ->
         path = folder / str(version) / name
         if path.is_file():
             return path
+    if source is not None:
+        raise FileNotFoundError(
+            f"model '{for_model}': {name!r} of model '{model}' is in no version folder of {source} "
+            "(the build publishes it: run `make build-engines`, then `kiln publish` again)"
+        )
     raise FileNotFoundError(
         f"model '{for_model}': {name!r} of model '{model}' not found under {folder} "
-        "(the build publishes it: run `make build-engines`)"
+        "(the build publishes it: run `make build-engines`)" + (f"; {hint}" if hint else "")
     )
+
 
 def read_inputs(request: Any, names: Sequence[str], pb_utils: Any) -> Inputs:
     """One request's input arrays by name (None where the request left an input out)."""
@@ -303,6 +381,7 @@ def python_model(load: Callable[[LoadContext], Step]) -> type:
                 version_dir=model_dir / args["model_version"],
                 config=config,
                 parameters=config_parameters(config),
+                remote=remote_repository(model_dir, args["model_name"]),
             )
             self.input_names = [t["name"] for t in config.get("input", ())]
             self.step = load(context)

@@ -9,6 +9,10 @@ backend's own `load` function and a `LoadContext` of the step's folder, version 
 and parameters: exactly what the step's own backend does when Triton loads it (so the same
 parameter checks, artifacts and load errors). Nothing of a step's logic is copied here.
 
+From a repository in object storage, Triton downloads only the fused model's own folder, so
+each step's folder is fetched from the same bucket (`LoadContext.model_folder`,
+`kiln.serving.remote`) and the step is loaded from that copy, with the same code.
+
 Per dynamic batch, each step runs once over the requests still alive, fed the tensors the
 wiring names (a step input the wiring leaves out, or a pipeline input a request left out, is
 None, as in the step's own backend); a request a step fails leaves the pipeline there with that
@@ -45,10 +49,12 @@ from kiln.serving.adapter import (
     LoadContext,
     Outputs,
     Step,
+    check_model_name,
     failure_reason,
 )
 from kiln.serving.errors import ModelLoadError, RequestError
 from kiln.serving.params import Param, ParamError, config_parameters, parse_params
+from kiln.serving.remote import is_copy, unknown_url_message
 
 FUSED_PARAMS: tuple[Param, ...] = (
     Param(
@@ -384,7 +390,13 @@ def load_stage(
     """Loads one step as its own backend would, and checks its wiring against its config and the
     tensors `available` so far."""
     name = context.model_name
-    config, version_dir = read_step_config(context.repository, wiring.model, for_model=name)
+    try:
+        folder = context.model_folder(wiring.model)  # a sibling folder, or fetched from the bucket
+    except ValueError as error:
+        raise ModelLoadError(str(error)) from None
+    if context.remote is None and is_copy(context.model_dir, name) and not (folder / CONFIG_NAME).is_file():
+        raise ModelLoadError(unknown_url_message(context.model_dir, name))
+    config, version_dir = read_step_config(folder.parent, wiring.model, for_model=name)
     backend, parameters = step_backend(config)
     loader = step_loader(backend, for_model=name, step=wiring.model)
     inputs, outputs = _names(config.get("input")), _names(config.get("output"))
@@ -403,10 +415,11 @@ def load_stage(
         )
     step_context = LoadContext(
         model_name=wiring.model,
-        model_dir=context.repository / wiring.model,
+        model_dir=folder,
         version_dir=version_dir,
         config=config,
         parameters=parameters,
+        remote=context.remote,
     )
     try:
         step = loader(step_context)
@@ -445,6 +458,13 @@ def load(context: LoadContext) -> FusedStep:
     if int(context.config.get("max_batch_size", 0)) < 1:
         raise ModelLoadError(f"model '{name}': kiln_fused needs max_batch_size >= 1")
     available = set(_names(context.config.get("input")))
+    if context.remote is not None:  # every step's folder from the bucket, in one go
+        try:
+            for wiring in wirings:
+                check_model_name(wiring.model, name)
+        except ValueError as error:
+            raise ModelLoadError(str(error)) from None
+        context.remote.prefetch([w.model for w in wirings], for_model=name)
     stages = []
     for wiring in wirings:
         stages.append(load_stage(context, wiring, available))
