@@ -4,7 +4,9 @@ Imports only `tritonclient` and `numpy` (no torch, onnx or tensorrt), so service
 `kiln` without extras. The public surface:
 
 - `Client` / `AsyncClient`: the generic clients (HTTP or gRPC by URL scheme, sync or asyncio):
-  health, metadata, `infer` with named numpy arrays, `infer_batch` for any number of items.
+  health, metadata, `infer` with named numpy arrays, `infer_batch` for any number of items; given
+  a list of URLs, they spread requests over those replicas and fail over from one that refuses
+  (`ReplicaBackoff` sets how long it is skipped, `ReplicaStats` is what `client.replicas` reports).
 - Task clients with typed results: `ImageClassifier`, `DigitsReader`, `TextEmbedder`,
   `FraudScorer`, and their asyncio twins `Async...`.
 - Text generation: `TextGenerator` / `AsyncTextGenerator` (`generate` a whole text, or `stream`
@@ -20,7 +22,7 @@ Example:
     ...     print(classifier.classify("cat.jpg").label)
 """
 
-from kiln.clients.client import DEFAULT, AsyncClient, Client
+from kiln.clients.client import DEFAULT, AsyncClient, Client, ReplicaBackoff, ReplicaStats
 from kiln.clients.errors import (
     DeadlineExceededError,
     InvalidInputError,
@@ -85,6 +87,8 @@ __all__ = [
     "ModelNotFoundError",
     "ModelNotReadyError",
     "PermissionDeniedError",
+    "ReplicaBackoff",
+    "ReplicaStats",
     "RetryPolicy",
     "ServerError",
     "ServerUnavailableError",

@@ -22,6 +22,7 @@ from kiln.clients._core import (
     CLEANUP_TIMEOUT_S,
     DEFAULT,
     DEFAULT_CONCURRENCY,
+    DEFAULT_IDEMPOTENT,
     DEFAULT_TIMEOUT_S,
     DEFAULT_URL,
     READY_POLL_S,
@@ -41,6 +42,7 @@ from kiln.clients._core import (
     raise_first_failure,
     slice_inputs,
 )
+from kiln.clients._replicas import DEFAULT_BALANCE, PROBE_TIMEOUT_S, ReplicaBackoff, failover
 from kiln.clients._transport import AsyncTransport
 from kiln.clients.errors import DeadlineExceededError, KilnError, ServerUnavailableError
 from kiln.clients.models import ModelInfo, normalize_config, validate_inputs
@@ -57,7 +59,10 @@ class AsyncClient(_Core):
     shared memory.
 
     Args:
-        url: "http://host:port" or "grpc://host:port" (or "host:port" with `protocol`).
+        url: "http://host:port" or "grpc://host:port" (or "host:port" with `protocol`); or a
+            sequence of such URLs, one per replica of the same models, all of one protocol: each
+            request goes to one of them (`balance`), and one a replica refused goes to another
+            (see "Several replicas" in docs/client.md and `kiln.clients._replicas`).
         protocol: "http" or "grpc", when the URL has no scheme.
         timeout: Default per-call timeout in seconds (None: wait forever).
         retry: The retry policy (default `RetryPolicy()`: 3 attempts for unavailable servers and
@@ -67,6 +72,16 @@ class AsyncClient(_Core):
             (the server must run on this host). Per call, `infer(..., shared_memory=...)` decides.
         validate: Check inputs against the model's config before sending.
         verbose: Let tritonclient print every request.
+        balance: With several replicas, which one a request goes to: "round_robin" (in turn) or
+            "least_outstanding" (the fewest of this client's requests in flight, ties in turn).
+        replica_backoff: With several replicas, how long one that refused (or failed its
+            readiness probe) is skipped before it is probed again.
+        idempotent: With several replicas, whether an inference that may have run (the
+            connection was lost after sending, the server cancelled it, it timed out) may be
+            resent to another replica; per call, `infer(..., idempotent=...)` decides. Default
+            False: the client cannot know a model has no side effects, and resending after a
+            timeout doubles the work of a fleet that is already too slow. Refusals the server did
+            not run always fail over. Metadata and health calls are reads: always resent.
 
     Example:
         >>> async with AsyncClient("grpc://localhost:8001") as client:
@@ -86,12 +101,19 @@ class AsyncClient(_Core):
         shared_memory: bool = False,
         validate: bool = True,
         verbose: bool = False,
+        balance: str = DEFAULT_BALANCE,
+        replica_backoff: ReplicaBackoff = ReplicaBackoff(),  # noqa: B008 - frozen, shared safely
+        idempotent: bool = DEFAULT_IDEMPOTENT,
     ) -> None:
         super().__init__(
             url, protocol=protocol, timeout=timeout, retry=retry, concurrency=concurrency,
-            shared_memory=shared_memory, validate=validate,
+            shared_memory=shared_memory, validate=validate, balance=balance,
+            replica_backoff=replica_backoff, idempotent=idempotent,
         )
-        self._transport = AsyncTransport(self.protocol, self.address, verbose=verbose)
+        self._transports = [
+            AsyncTransport(self.protocol, address, verbose=verbose) for address in self.addresses
+        ]
+        self._transport = self._transports[0]  # the one replica shared memory is used with
         self._fan_out = AsyncFanOut(self.concurrency, self._check_open)
 
     # --- lifecycle ---
@@ -122,11 +144,15 @@ class AsyncClient(_Core):
             for region in retired:
                 await self._drop_region(region, final=final)
             await asyncio.sleep(RETIRED_POLL_S)
-        await self._transport.close()
+        for transport in self._transports:
+            await transport.close()
 
     # --- plumbing ---
 
-    async def _retrying(self, what: str, attempt_once: Callable[[], Awaitable[T]]) -> T:
+    async def _retrying(
+        self, what: str, attempt_once: Callable[[], Awaitable[T]], *, idempotent: bool = True
+    ) -> T:
+        """Runs `attempt_once()` under the RetryPolicy (the generation streams call it too)."""
         start = time.monotonic()
         attempt = 0
         while True:
@@ -135,27 +161,109 @@ class AsyncClient(_Core):
                 return await attempt_once()
             except KilnError as error:
                 wait = self.retry.backoff(attempt) if attempt < self.retry.max_attempts else 0.0
-                if not self.retry.should_retry(error, attempt, time.monotonic() - start, wait):
+                if not self._may_retry(error, idempotent) or not self.retry.should_retry(
+                    error, attempt, time.monotonic() - start, wait
+                ):
                     raise
                 self._log_retry(what, error, attempt, wait)
                 await asyncio.sleep(wait)
 
+    async def _balanced(
+        self, what: str, attempt_once: Callable[[int], Awaitable[T]], *, model: str | None = None,
+        idempotent: bool = True, request_id: str | None = None, counted: bool = True,
+    ) -> T:
+        """Runs `attempt_once(replica index)` under the RetryPolicy, each attempt trying the
+        replicas (`_on_replicas`): a refusal fails over at once, and the policy's backoff comes
+        only after every replica refused. `counted`: an inference (counted in `replicas`)."""
+        return await self._retrying(
+            what, lambda: self._on_replicas(what, attempt_once, model, idempotent, request_id, counted),
+            idempotent=idempotent,
+        )
+
+    async def _on_replicas(
+        self, what: str, attempt_once: Callable[[int], Awaitable[T]], model: str | None, idempotent: bool,
+        request_id: str | None, counted: bool,
+    ) -> T:
+        """One attempt: the replicas in the order `ReplicaSet.choose` gives, until one answers or
+        an error must not go elsewhere (`kiln.clients._replicas.failover`). One replica: its
+        error as is. Several, all failed: one error naming each URL and its answer."""
+        tried: list[int] = []
+        failures: list[tuple[str, KilnError | str]] = []
+        while True:
+            pick = self._replicas.choose(tried)
+            if pick is None:
+                raise self._all_failed(what, model, failures, request_id) from (
+                    next((e for _, e in reversed(failures) if isinstance(e, KilnError)), None)
+                )
+            tried.append(pick.index)
+            url = self.urls[pick.index]
+            if pick.probe:
+                problem = await self._probe(pick.index)
+                if problem is not None:
+                    failures.append((url, problem))
+                    continue
+            self._replicas.started(pick.index, counted)
+            try:
+                result = await attempt_once(pick.index)
+            except KilnError as error:
+                verdict = failover(error, idempotent)
+                self._replicas.failed(pick.index, error, verdict.back_off, counted)
+                if self._replicas.single or not verdict.elsewhere:
+                    raise
+                self._log_failover(what, url, error)
+                failures.append((url, error))
+                continue
+            except BaseException:
+                self._replicas.failed(pick.index, None, False, counted)
+                raise
+            self._replicas.succeeded(pick.index, counted)
+            return result
+
+    async def _probe(self, index: int) -> str | None:
+        """Asks replica `index` whether it is ready (/v2/health/ready); None if it is, else why
+        not. The answer is reported to the replica set either way."""
+        ready, detail = False, "probe interrupted"
+        try:
+            ready = await self._transports[index].is_ready(timeout=PROBE_TIMEOUT_S)
+            detail = "not ready (readiness probe)"
+        except Exception as error:  # noqa: BLE001 - any failure means not ready
+            translated = self._translate(error, "is_ready", timeout=PROBE_TIMEOUT_S, url=self.urls[index])
+            detail = f"readiness probe failed: {translated.server_message or translated.message}"
+        finally:
+            self._replicas.probed(index, ready, None if ready else detail)
+        return None if ready else detail
+
     async def _call(
-        self, what: str, method: str, *args: Any, model: str | None = None, timeout: Any = DEFAULT,
-        retry: bool = True,
+        self, what: str, method: str, *args: Any, model: str | None = None, timeout: Any = DEFAULT
     ) -> Any:
+        """A metadata call, retried and failed over (a read: safe to resend anywhere)."""
         self._check_open()
         seconds = self._timeout(timeout)
 
-        async def once() -> Any:
+        async def once(index: int) -> Any:
             try:
-                return await getattr(self._transport, method)(*args, timeout=seconds)
+                return await getattr(self._transports[index], method)(*args, timeout=seconds)
             except Exception as error:
-                raise self._translate(error, what, model, timeout=seconds) from error
+                raise self._translate(error, what, model, timeout=seconds, url=self.urls[index]) from error
 
-        if retry:
-            return await self._retrying(what, once)
-        return await once()
+        return await self._balanced(what, once, model=model, counted=False)
+
+    async def _ask_any(
+        self, what: str, method: str, *args: Any, model: str | None = None, timeout: Any = DEFAULT
+    ) -> bool:
+        """A health question, asked of each replica in turn until one says yes (no retries).
+        An unreachable replica says no; with one replica, any other error is raised."""
+        self._check_open()
+        seconds = self._timeout(timeout)
+        for index, transport in enumerate(self._transports):
+            try:
+                if await getattr(transport, method)(*args, timeout=seconds):
+                    return True
+            except Exception as error:
+                translated = self._translate(error, what, model, timeout=seconds, url=self.urls[index])
+                if self._replicas.single and not isinstance(translated, ServerUnavailableError):
+                    raise translated from error
+        return False
 
     async def _drop_region(self, region: shm_module.Region, *, final: bool = False) -> None:
         """Unregisters and removes a region; one the server still uses is retired for later."""
@@ -189,31 +297,25 @@ class AsyncClient(_Core):
     # --- health ---
 
     async def is_live(self, *, timeout: Any = DEFAULT) -> bool:
-        """Whether the server is live; False when it cannot be reached."""
-        try:
-            return await self._call("is_live", "is_live", timeout=timeout, retry=False)
-        except ServerUnavailableError:
-            return False
+        """Whether the server is live; False when it cannot be reached. Several replicas:
+        whether any is."""
+        return await self._ask_any("is_live", "is_live", timeout=timeout)
 
     async def is_ready(self, *, timeout: Any = DEFAULT) -> bool:
-        """Whether the server is ready (every model it should serve is); False when unreachable."""
-        try:
-            return await self._call("is_ready", "is_ready", timeout=timeout, retry=False)
-        except ServerUnavailableError:
-            return False
+        """Whether the server is ready (every model it should serve is); False when unreachable.
+        Several replicas: whether any is."""
+        return await self._ask_any("is_ready", "is_ready", timeout=timeout)
 
     async def is_model_ready(self, model: str, *, version: str = "", timeout: Any = DEFAULT) -> bool:
-        """Whether `model` has a ready version; False when the server cannot be reached."""
-        try:
-            return await self._call(
-                "is_model_ready", "is_model_ready", model, version, model=model, timeout=timeout,
-                retry=False,
-            )
-        except ServerUnavailableError:
-            return False
+        """Whether `model` has a ready version; False when the server cannot be reached. Several
+        replicas: whether any has."""
+        return await self._ask_any(
+            "is_model_ready", "is_model_ready", model, version, model=model, timeout=timeout
+        )
 
     async def wait_until_ready(self, models: Iterable[str] = (), *, timeout: float = 30.0) -> None:
-        """Blocks until the server (and each of `models`) is ready.
+        """Blocks until the server (and each of `models`) is ready; with several replicas, until
+        one is (requests go only to replicas that answer).
 
         Raises:
             DeadlineExceededError: Not ready within `timeout` seconds; says what was not ready
@@ -224,14 +326,13 @@ class AsyncClient(_Core):
         while True:
             last = "not ready"
             try:
-                if not await self._call("is_ready", "is_ready", timeout=READY_POLL_S * 5, retry=False):
+                if not await self._ask_any("is_ready", "is_ready", timeout=READY_POLL_S * 5):
                     last = "server not ready"
                 else:
                     pending = [
                         m for m in models
-                        if not await self._call(
-                            "is_model_ready", "is_model_ready", m, "", model=m,
-                            timeout=READY_POLL_S * 5, retry=False,
+                        if not await self._ask_any(
+                            "is_model_ready", "is_model_ready", m, "", model=m, timeout=READY_POLL_S * 5
                         )
                     ]
                     if not pending:
@@ -294,6 +395,7 @@ class AsyncClient(_Core):
         timeout: Any = DEFAULT,
         shared_memory: bool | None = None,
         validate: bool | None = None,
+        idempotent: bool | None = None,
     ) -> InferResult:
         """Sends one request of named arrays and returns the outputs.
 
@@ -306,6 +408,8 @@ class AsyncClient(_Core):
             timeout: Seconds for this call (default: the client's).
             shared_memory: Use system shared memory for this call (default: the client's).
             validate: Check the inputs against the model first (default: the client's).
+            idempotent: With several replicas, resend it to another after a failure that may
+                have run it (default: the client's, see `AsyncClient`).
 
         Raises:
             InvalidInputError, ModelNotFoundError, ModelNotReadyError, ServerUnavailableError,
@@ -318,13 +422,18 @@ class AsyncClient(_Core):
         info = await self.model_info(model, version=version) if (check or use_shm) else None
         if check:
             validate_inputs(info, arrays)
-        return await self._retrying(
+        return await self._balanced(
             "infer",
-            lambda: self._infer_once(model, arrays, outputs, info, version, request_id, timeout, use_shm),
+            lambda index: self._infer_once(
+                index, model, arrays, outputs, info, version, request_id, timeout, use_shm
+            ),
+            model=model, request_id=request_id,
+            idempotent=self.idempotent if idempotent is None else idempotent,
         )
 
     async def _infer_once(
         self,
+        index: int,
         model: str,
         arrays: Mapping[str, np.ndarray],
         outputs: Sequence[str] | None,
@@ -340,9 +449,9 @@ class AsyncClient(_Core):
             region = await self._region(layout.byte_size, seconds) if layout is not None else None
             start = time.perf_counter()
             try:
-                module = self._transport.module
-                tensors, requested = self._build(module, arrays, outputs, info, layout, region)
-                raw = await self._transport.infer(
+                transport = self._transports[index]
+                tensors, requested = self._build(transport.module, arrays, outputs, info, layout, region)
+                raw = await transport.infer(
                     model, tensors, requested, version=version, request_id=request_id or "", timeout=seconds
                 )
                 latency = time.perf_counter() - start
@@ -357,7 +466,8 @@ class AsyncClient(_Core):
                         continue
                     region = None
                 raise self._translate(
-                    error, "infer", model, request_id=request_id, timeout=seconds, shared_memory=use_shm
+                    error, "infer", model, request_id=request_id, timeout=seconds, shared_memory=use_shm,
+                    url=self.urls[index],
                 ) from error
             else:
                 if region is not None:
@@ -377,6 +487,7 @@ class AsyncClient(_Core):
         request_id: str | None = None,
         timeout: Any = DEFAULT,
         shared_memory: bool | None = None,
+        idempotent: bool | None = None,
     ) -> InferResult:
         """Like `infer`, for any number of items: split into requests of the model's
         max_batch_size (or `batch_size`), sent `concurrency` at a time, outputs in input order.
@@ -393,7 +504,7 @@ class AsyncClient(_Core):
         arrays = prepare_inputs(inputs)
         info, parts = await self._infer_parts(
             model, arrays, outputs, version=version, request_id=request_id, timeout=timeout,
-            shared_memory=shared_memory, chunk=batch_size, isolate=False,
+            shared_memory=shared_memory, chunk=batch_size, isolate=False, idempotent=idempotent,
         )
         total = batch_size_of(info, arrays)
         raise_first_failure(parts, total)
@@ -411,6 +522,7 @@ class AsyncClient(_Core):
         shared_memory: bool | None = None,
         chunk: int | None = None,
         isolate: bool = True,
+        idempotent: bool | None = None,
     ) -> tuple[ModelInfo, list[Part]]:
         """A split call, part by part: the seam the task clients run every task through
         (`kiln.clients._async_tasks`; `infer_batch` uses it too).
@@ -433,7 +545,7 @@ class AsyncClient(_Core):
         validate_inputs(info, arrays, split=True)
         parts = await self._run_parts(
             model, arrays, outputs, info, version=version, request_id=request_id, timeout=timeout,
-            shared_memory=shared_memory, chunk=chunk, isolate=isolate,
+            shared_memory=shared_memory, chunk=chunk, isolate=isolate, idempotent=idempotent,
         )
         return info, parts
 
@@ -450,19 +562,26 @@ class AsyncClient(_Core):
         shared_memory: bool | None,
         chunk: int | None,
         isolate: bool,
+        idempotent: bool | None = None,
     ) -> list[Part]:
         """Runs a validated call as requests of `chunk` items (default: max_batch_size),
         concurrently; with `isolate`, a multi-item request that failed with an error one item
         may cause is resent item by item. Never raises for a failed request: its Part holds it."""
         use_shm = self.shared_memory if shared_memory is None else shared_memory
+        resend = self.idempotent if idempotent is None else idempotent
         total = batch_size_of(info, arrays)
         ranges = chunk_ranges(total, chunk or info.max_batch_size) if info.batches else [range(0, 1)]
 
         async def send(items: range, rid: str | None) -> InferResult | KilnError:
             part_inputs = slice_inputs(arrays, items) if info.batches else dict(arrays)
             try:
-                return await self._retrying("infer", lambda: self._infer_once(
-                    model, part_inputs, outputs, info, version, rid, timeout, use_shm))
+                return await self._balanced(
+                    "infer",
+                    lambda index: self._infer_once(
+                        index, model, part_inputs, outputs, info, version, rid, timeout, use_shm
+                    ),
+                    model=model, idempotent=resend, request_id=rid,
+                )
             except KilnError as error:
                 return error
 

@@ -32,6 +32,7 @@ from kiln.clients._task_core import (
     Records,
     Task,
     _check_options,
+    is_url_or_urls,
 )
 from kiln.clients.images import ImageInput
 from kiln.clients.models import ModelInfo
@@ -46,11 +47,12 @@ class _AsyncTask:
     MODEL = ""
 
     def __init__(
-        self, client: AsyncClient | str = DEFAULT_URL, *, model: str | None = None, **options: Any
+        self, client: AsyncClient | str | Sequence[str] = DEFAULT_URL, *, model: str | None = None,
+        **options: Any,
     ) -> None:
         _check_options(client, options)
-        self._owns = isinstance(client, str)
-        self.client: AsyncClient = AsyncClient(client, **options) if isinstance(client, str) else client
+        self._owns = is_url_or_urls(client)
+        self.client: AsyncClient = AsyncClient(client, **options) if self._owns else client
         self.model = model or self.MODEL
 
     async def __aenter__(self) -> _AsyncTask:

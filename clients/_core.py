@@ -5,7 +5,8 @@ parsing, split-call planning. No I/O happens here.
 `kiln.clients._async_client`) are one implementation: the async module is the source and
 `scripts/unasync.py` writes the sync one from it (a test fails when they differ). Their I/O
 differs only in the transports (`kiln.clients._transport`) and the fan-out of split calls
-(`kiln.clients._concurrency`). What they offer: `kiln.clients.client`.
+(`kiln.clients._concurrency`). What they offer: `kiln.clients.client`. Several replicas behind
+one client: `kiln.clients._replicas` (picking, backoff, the failover rules).
 
 Every error is a `KilnError` subclass (see `kiln.clients.errors`).
 """
@@ -23,6 +24,14 @@ import numpy as np
 from tritonclient.utils import InferenceServerException
 
 from kiln.clients import shm as shm_module
+from kiln.clients._replicas import (
+    DEFAULT_BALANCE,
+    ReplicaBackoff,
+    ReplicaSet,
+    ReplicaStats,
+    all_failed_message,
+    refused_before_running,
+)
 from kiln.clients._transport import (
     HTTP,
     PROTOCOLS,
@@ -33,6 +42,7 @@ from kiln.clients._transport import (
 from kiln.clients.errors import (
     InvalidInputError,
     KilnError,
+    ModelNotReadyError,
     ServerError,
     ServerUnavailableError,
     translate,
@@ -55,6 +65,13 @@ DEFAULT_TIMEOUT_S = 60.0
 """Per-call timeout unless the client or the call says otherwise."""
 DEFAULT_CONCURRENCY = 4
 """Requests a split call (`infer_batch`, the task clients) keeps in flight at once."""
+DEFAULT_IDEMPOTENT = False
+"""Whether inference may be resent to another replica after a failure that may have run it (a
+connection lost after sending, a timeout). Off by default: the generic client talks to any Triton
+model and cannot know that a request has no effect beyond its answer, and resending after a
+timeout doubles the work of a replica fleet exactly when it is too slow already. Refusals the
+server did not run (what a replica that is draining, down or restarting answers) fail over
+whatever this says. kiln's own pipelines are stateless: pass idempotent=True for them."""
 READY_POLL_S = 0.2
 """How often `wait_until_ready` asks."""
 CLEANUP_TIMEOUT_S = 5.0
@@ -76,6 +93,24 @@ class _Default:
 
 DEFAULT: Any = _Default()
 """Sentinel: use the client's default (e.g. for `timeout`)."""
+
+
+def parse_urls(urls: str | Sequence[str], protocol: str | None) -> tuple[str, tuple[str, ...]]:
+    """(protocol, ("host:port", ...)) from one URL or a sequence of URLs of one protocol."""
+    given = [urls] if isinstance(urls, str) else list(urls)
+    if not given:
+        raise ValueError("give one URL or a sequence of URLs (replicas), got an empty sequence")
+    parsed = []
+    for url in given:
+        if not isinstance(url, str):
+            raise TypeError(f"a URL must be a str, got {type(url).__name__} ({url!r})")
+        parsed.append(parse_url(url, protocol))
+    protocols = sorted({scheme for scheme, _ in parsed})
+    if len(protocols) > 1:
+        raise ValueError(
+            f"replica URLs must all use one protocol, got {', '.join(protocols)} in {', '.join(given)}"
+        )
+    return protocols[0], tuple(address for _, address in parsed)
 
 
 def parse_url(url: str, protocol: str | None) -> tuple[str, str]:
@@ -236,7 +271,7 @@ class _Core:
 
     def __init__(
         self,
-        url: str,
+        url: str | Sequence[str],
         *,
         protocol: str | None,
         timeout: float | None,
@@ -244,9 +279,19 @@ class _Core:
         concurrency: int,
         shared_memory: bool,
         validate: bool,
+        balance: str = DEFAULT_BALANCE,
+        replica_backoff: ReplicaBackoff = ReplicaBackoff(),  # noqa: B008 - frozen, shared safely
+        idempotent: bool = DEFAULT_IDEMPOTENT,
     ) -> None:
-        self.protocol, self.address = parse_url(url, protocol)
-        self.url = f"{self.protocol}://{self.address}"
+        self.protocol, self.addresses = parse_urls(url, protocol)
+        self.urls = tuple(f"{self.protocol}://{address}" for address in self.addresses)
+        self.address, self.url = self.addresses[0], self.urls[0]
+        self._replicas = ReplicaSet(self.urls, balance, replica_backoff)
+        if shared_memory and len(self.urls) > 1:
+            raise ValueError(
+                "shared_memory=True needs one server on this host; it cannot be used with several "
+                f"replicas ({', '.join(self.urls)})"
+            )
         if timeout is not None and timeout <= 0:
             raise ValueError(f"timeout must be > 0 seconds or None, got {timeout}")
         if concurrency < 1:
@@ -258,13 +303,21 @@ class _Core:
         self.concurrency = concurrency
         self.shared_memory = shared_memory
         self.validate = validate
+        self.balance = balance
+        self.idempotent = idempotent
         self._infos: dict[tuple[str, str], ModelInfo] = {}
         self._infos_lock = threading.Lock()
         self._regions = shm_module.RegionPool()
         self._closed = False
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}({self.url!r})"
+        return f"{type(self).__name__}({self.url if len(self.urls) == 1 else list(self.urls)!r})"
+
+    @property
+    def replicas(self) -> tuple[ReplicaStats, ...]:
+        """What this client saw of each replica (one entry per URL, in the order given): its
+        state, the requests sent, answered, failed and in flight, probes and backoff."""
+        return self._replicas.stats()
 
     # --- helpers ---
 
@@ -277,10 +330,44 @@ class _Core:
 
     def _translate(self, error: BaseException, what: str, model: str | None = None, *,
                    request_id: str | None = None, timeout: float | None = None,
-                   shared_memory: bool = False) -> KilnError:
+                   shared_memory: bool = False, url: str | None = None) -> KilnError:
         return translate(
-            error, what=what, model=model, url=self.url, request_id=request_id, timeout=timeout,
+            error, what=what, model=model, url=url or self.url, request_id=request_id, timeout=timeout,
             shared_memory=shared_memory,
+        )
+
+    def _may_retry(self, error: KilnError, idempotent: bool) -> bool:
+        """Whether the RetryPolicy may resend a failed call at all. One replica: always (its
+        policy alone decides, as it always did). Several: only what another replica could have
+        taken, so a request that may have run is not resent by the back door."""
+        return self._replicas.single or idempotent or refused_before_running(error)
+
+    def _all_failed(
+        self, what: str, model: str | None, failures: Sequence[tuple[str, KilnError | str]],
+        request_id: str | None,
+    ) -> KilnError:
+        """The error when every replica was tried: each URL and its answer, in order. All models
+        not ready: ModelNotReadyError; else ServerUnavailableError (refused when none may have
+        run the request)."""
+        errors = [error for _, error in failures if isinstance(error, KilnError)]
+        subject = f"model '{model}'" if model else what
+        message = all_failed_message(subject, failures)
+        last = errors[-1] if errors else None
+        context = {
+            "server_message": last.server_message if last is not None else None,
+            "status": last.status if last is not None else None,
+            "model": model, "url": None, "request_id": request_id,
+            "tried": tuple(url for url, _ in failures),
+        }
+        if errors and len(errors) == len(failures) and all(isinstance(e, ModelNotReadyError) for e in errors):
+            return ModelNotReadyError(message, **context)
+        refused = all(refused_before_running(e) for e in errors)
+        return ServerUnavailableError(message, refused=refused, **context)
+
+    def _log_failover(self, what: str, url: str, error: KilnError) -> None:
+        log.info(
+            "%s: %s failed (%s: %s); trying another replica",
+            what, url, type(error).__name__, error.server_message or error.message,
         )
 
     def _keep_for_later(self, error: BaseException, region: shm_module.Region, final: bool) -> bool:

@@ -28,6 +28,7 @@ from kiln.clients._task_core import (
     Records,
     Task,
     _check_options,
+    is_url_or_urls,
 )
 from kiln.clients.images import ImageInput
 from kiln.clients.models import ModelInfo
@@ -42,11 +43,12 @@ class _Task:
     MODEL = ""
 
     def __init__(
-        self, client: Client | str = DEFAULT_URL, *, model: str | None = None, **options: Any
+        self, client: Client | str | Sequence[str] = DEFAULT_URL, *, model: str | None = None,
+        **options: Any,
     ) -> None:
         _check_options(client, options)
-        self._owns = isinstance(client, str)
-        self.client: Client = Client(client, **options) if isinstance(client, str) else client
+        self._owns = is_url_or_urls(client)
+        self.client: Client = Client(client, **options) if self._owns else client
         self.model = model or self.MODEL
 
     def __enter__(self) -> _Task:

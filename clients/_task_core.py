@@ -289,8 +289,18 @@ SCORE: Task[list[Any]] = Task(encode_record_call, per_item(fraud_score))
 """Records or feature values -> one `FraudScore` per transaction (fraud_scorer)."""
 
 
+def is_url_or_urls(client: Any) -> bool:
+    """Whether a task client was given a URL, or a sequence of URLs (one per replica), rather
+    than an existing client to borrow."""
+    if isinstance(client, str):
+        return True
+    return (
+        isinstance(client, (list, tuple)) and bool(client) and all(isinstance(url, str) for url in client)
+    )
+
+
 def _check_options(client: Any, options: Mapping[str, Any]) -> None:
-    if options and not isinstance(client, str):
+    if options and not is_url_or_urls(client):
         raise TypeError(
             f"client options ({', '.join(options)}) apply only when a URL is given, not an existing client"
         )

@@ -10,6 +10,12 @@ Both speak HTTP or gRPC and hide what differs between the two protocols:
   `asyncio.wait_for` for both async clients.
 - gRPC answers metadata and config as protobuf: they are asked for as JSON and normalized to what
   the HTTP API returns.
+- gRPC channels balance over every address their host resolves to: the target is `dns:///host:port`
+  and the service config picks the `round_robin` load-balancing policy (gRPC's default,
+  `pick_first`, sends everything to one address, so a Kubernetes headless Service's pods but one
+  would idle). tritonclient's `channel_args` replaces its own channel options rather than adding
+  to them, so `grpc_channel_args` repeats tritonclient's defaults (unlimited message sizes, its
+  keepalive settings) beside the policy. With one address, round_robin behaves as pick_first.
 
 tritonclient modules are imported here, on first use, so `import kiln.clients` stays cheap.
 """
@@ -18,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib
+import json
 import threading
 from collections.abc import Sequence
 from types import ModuleType
@@ -32,6 +39,46 @@ GRPC = "grpc"
 PROTOCOLS = (HTTP, GRPC)
 CONNECTION_TIMEOUT_S = 60.0
 """How long tritonclient waits to connect (HTTP) before failing."""
+GRPC_LB_POLICY = "round_robin"
+GRPC_SERVICE_CONFIG = json.dumps({"loadBalancingConfig": [{GRPC_LB_POLICY: {}}]})
+"""The channel's service config: round_robin over every resolved address (gRPC's documented way;
+`grpc.lb_policy_name` is set too, for gRPC builds that read only the older option)."""
+DNS_SCHEME = "dns:///"
+GRPC_RECONNECT_BACKOFF_MS = (100, 1000)
+"""gRPC's own reconnect backoff, (initial, max) ms. Its default (1 s growing 1.6x to 120 s) keeps
+a channel answering "connections to all backends failing" without trying to connect long after
+a replica came back: measured here, a replica down for 5 s still failed every probe 3 s after it
+was ready again. Capped at 1 s, the client's replica backoff and readiness probe decide."""
+
+
+GRPC_SCHEMES = ("dns:", "ipv4:", "ipv6:", "unix:")
+"""Targets gRPC resolves itself (e.g. "ipv4:10.0.0.1:8001,10.0.0.2:8001"), passed through as given."""
+
+
+def grpc_target(address: str) -> str:
+    """The gRPC target for "host:port": resolved by gRPC's DNS resolver, every address kept."""
+    return address if address.startswith(GRPC_SCHEMES) else DNS_SCHEME + address
+
+
+def grpc_channel_args() -> list[tuple[str, Any]]:
+    """tritonclient's default channel options, the round_robin load-balancing policy and a short
+    reconnect backoff."""
+    from tritonclient.grpc import MAX_GRPC_MESSAGE_SIZE, KeepAliveOptions
+
+    keepalive = KeepAliveOptions()
+    return [
+        ("grpc.max_send_message_length", MAX_GRPC_MESSAGE_SIZE),
+        ("grpc.max_receive_message_length", MAX_GRPC_MESSAGE_SIZE),
+        ("grpc.keepalive_time_ms", keepalive.keepalive_time_ms),
+        ("grpc.keepalive_timeout_ms", keepalive.keepalive_timeout_ms),
+        ("grpc.keepalive_permit_without_calls", keepalive.keepalive_permit_without_calls),
+        ("grpc.http2.max_pings_without_data", keepalive.http2_max_pings_without_data),
+        ("grpc.initial_reconnect_backoff_ms", GRPC_RECONNECT_BACKOFF_MS[0]),
+        ("grpc.min_reconnect_backoff_ms", GRPC_RECONNECT_BACKOFF_MS[0]),
+        ("grpc.max_reconnect_backoff_ms", GRPC_RECONNECT_BACKOFF_MS[1]),
+        ("grpc.lb_policy_name", GRPC_LB_POLICY),
+        ("grpc.service_config", GRPC_SERVICE_CONFIG),
+    ]
 
 
 def protocol_module(protocol: str) -> ModuleType:
@@ -117,7 +164,9 @@ class SyncTransport:
                         network_timeout=None,
                     )
                 else:
-                    client = self.module.InferenceServerClient(self.address, verbose=self._verbose)
+                    client = self.module.InferenceServerClient(
+                        grpc_target(self.address), verbose=self._verbose, channel_args=grpc_channel_args()
+                    )
                 self._clients.append(client)
             self._local.client = client
         return client
@@ -242,8 +291,14 @@ class AsyncTransport:
         if self._closed:
             raise RuntimeError("the client is closed")
         if self._client is None:
-            options = {"conn_timeout": None} if self.protocol == HTTP else {}  # wait_for decides
-            self._client = self._aio.InferenceServerClient(self.address, verbose=self._verbose, **options)
+            if self.protocol == HTTP:  # no connection timeout of its own: wait_for decides
+                self._client = self._aio.InferenceServerClient(
+                    self.address, verbose=self._verbose, conn_timeout=None
+                )
+            else:
+                self._client = self._aio.InferenceServerClient(
+                    grpc_target(self.address), verbose=self._verbose, channel_args=grpc_channel_args()
+                )
         return self._client
 
     async def call(self, method: str, *args: Any, timeout: float | None, **kwargs: Any) -> Any:

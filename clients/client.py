@@ -12,7 +12,17 @@ Both talk to a Triton server (kiln's or any other) over HTTP or gRPC, picked by 
 - per-call timeouts, request ids passed to Triton, client-side latency on every result;
 - retries with exponential backoff and jitter for errors a retry can fix (`RetryPolicy`);
 - optional system shared memory for inputs and outputs (`shared_memory=True`, same host only);
-- connection reuse, and `close()` / context managers that release connections and shared memory.
+- connection reuse, and `close()` / context managers that release connections and shared memory;
+- several replicas: `Client([url, url, ...])` (one protocol) sends each request to one replica,
+  "round_robin" (default) or "least_outstanding" (`balance=`); a replica that refuses (connection
+  refused, HTTP 503, gRPC UNAVAILABLE, model not ready) or fails its readiness probe is skipped
+  for a backoff (`ReplicaBackoff`) and probed (`/v2/health/ready`) before it gets traffic again;
+  a refused request goes to another replica at once, one that may have run (connection lost
+  after sending, timeout) only with `idempotent=True`; errors of the model or the input never do.
+  `client.replicas` reports each replica's state and counts (`ReplicaStats`). The rules:
+  `kiln.clients._replicas`; Kubernetes: "Several replicas" in docs/client.md;
+- gRPC channels use the `round_robin` policy over a `dns:///` target, so one URL whose name
+  resolves to several addresses (a Kubernetes headless Service) spreads over all of them.
 
 Every error is a `KilnError` subclass (see `kiln.clients.errors`).
 
@@ -35,14 +45,27 @@ from kiln.clients._core import (
     expand,
     isolation_jobs,
     parse_url,
+    parse_urls,
     plan_jobs,
     prepare_inputs,
     raise_first_failure,
     slice_inputs,
 )
+from kiln.clients._replicas import (
+    BALANCES,
+    LEAST_OUTSTANDING,
+    ROUND_ROBIN,
+    ReplicaBackoff,
+    ReplicaStats,
+)
 from kiln.clients._sync_client import Client
 
 __all__ = [
+    "BALANCES",
+    "LEAST_OUTSTANDING",
+    "ROUND_ROBIN",
+    "ReplicaBackoff",
+    "ReplicaStats",
     "DEFAULT",
     "DEFAULT_CONCURRENCY",
     "DEFAULT_TIMEOUT_S",
@@ -57,6 +80,7 @@ __all__ = [
     "expand",
     "isolation_jobs",
     "parse_url",
+    "parse_urls",
     "plan_jobs",
     "prepare_inputs",
     "raise_first_failure",

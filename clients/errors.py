@@ -9,7 +9,10 @@ Every error a client raises is a `KilnError`; the subclass says what went wrong 
 - `ModelNotReadyError`: the model exists but has no ready version (loading, unloaded, restarting).
   Retried.
 - `ServerUnavailableError`: the server cannot be reached (connection refused or reset, HTTP 503,
-  gRPC UNAVAILABLE). Retried.
+  gRPC UNAVAILABLE). Retried. Its `refused` says whether the server certainly did not run the
+  request (refused, not reached, answered 503/UNAVAILABLE) or the connection was lost after the
+  request may have been sent: a client with several replicas fails over on the first at once, on
+  the second only for idempotent calls (`kiln.clients._replicas`).
 - `DeadlineExceededError`: the call took longer than its timeout. Not retried (the server may
   still be working on it).
 - `PermissionDeniedError`: the server restricts this API (e.g. model load/unload without the
@@ -18,8 +21,9 @@ Every error a client raises is a `KilnError`; the subclass says what went wrong 
 - `ServerError`: anything else the server reports (HTTP 500, gRPC INTERNAL, ...). Not retried.
 
 Each carries the server's own message (`server_message`), the raw transport status (`status`, e.g.
-"400" or "StatusCode.NOT_FOUND"), and where it happened (`model`, `url`, `request_id`). The
-original exception is chained (`raise ... from`), so tracebacks keep it.
+"400" or "StatusCode.NOT_FOUND"), and where it happened (`model`, `url`, `request_id`; `tried`,
+the replica URLs a call to several replicas tried). The original exception is chained
+(`raise ... from`), so tracebacks keep it.
 """
 
 from __future__ import annotations
@@ -54,6 +58,16 @@ _NOT_READY_MARKERS = ("has no available versions", "is not ready", "is not avail
 """404/NOT_FOUND with these words: the model is known but no version is ready (loading,
 unloaded, restarting)."""
 _TIMEOUT_MARKERS = ("request timeout expired", "deadline exceeded")
+_REFUSED_MARKERS = (
+    "failed to connect", "connection refused", "dns resolution failed", "name resolution",
+    "empty address list", "server exiting", "server not ready", "server is not ready",
+    "server is stopping", "stopped accepting new inference requests",
+)
+"""gRPC UNAVAILABLE with these words: nothing was sent (no connection, no address) or Triton
+itself refused it. Triton 2.51 after SIGTERM answers "Server exiting" (readiness) and "Server is
+stopping, scheduler for model has stopped accepting new inference requests" (a request that
+reached the model's scheduler as it stopped), both measured. Any other UNAVAILABLE ("Socket
+closed", "Connection reset by peer") is taken for a connection lost after sending."""
 _SHM_MARKERS = ("shared memory",)
 SHM_HINT = (
     "system shared memory needs the server on the same host and the same /dev/shm "
@@ -74,6 +88,8 @@ class KilnError(Exception):
         request_id: The request id the call sent, when one was given.
         items: For a call split into several requests: the item indices (`range`) of the
             request that failed; None otherwise.
+        tried: For a client of several replicas, when every replica failed: their URLs in the
+            order tried (the message says what each answered); () otherwise.
     """
 
     def __init__(
@@ -86,6 +102,7 @@ class KilnError(Exception):
         url: str | None = None,
         request_id: str | None = None,
         items: range | None = None,
+        tried: tuple[str, ...] = (),
     ) -> None:
         super().__init__(message)
         self.message = message
@@ -95,6 +112,7 @@ class KilnError(Exception):
         self.url = url
         self.request_id = request_id
         self.items = items
+        self.tried = tried
 
     def __str__(self) -> str:
         return self.message
@@ -144,7 +162,20 @@ class ModelNotReadyError(KilnError):
 
 
 class ServerUnavailableError(KilnError, ConnectionError):
-    """The server cannot be reached or refuses work: not running, restarting, overloaded."""
+    """The server cannot be reached or refuses work: not running, restarting, overloaded.
+
+    Attributes:
+        refused: True when the server certainly did not run the request: the connection was
+            refused or the name not resolved, the server answered HTTP 503, or gRPC UNAVAILABLE
+            came in words that mean no connection or Triton's own refusal (`_REFUSED_MARKERS`).
+            False when the connection was lost after the request may have been sent (reset,
+            closed, a gRPC stream that broke): it may have run. The default, False, is the
+            cautious answer for a cause nobody classified.
+    """
+
+    def __init__(self, message: str, *, refused: bool = False, **context: Any) -> None:
+        super().__init__(message, **context)
+        self.refused = refused
 
 
 class DeadlineExceededError(KilnError, TimeoutError):
@@ -213,6 +244,17 @@ def _connection_error_types() -> tuple[type[BaseException], ...]:
     return tuple(types)
 
 
+def _refused_types() -> tuple[type[BaseException], ...]:
+    """Transport exceptions raised before a request could be sent: no connection was made."""
+    import sys
+
+    types: list[type[BaseException]] = [ConnectionRefusedError, socket.gaierror, socket.herror]
+    aiohttp = sys.modules.get("aiohttp")
+    if aiohttp is not None:
+        types.append(aiohttp.ClientConnectorError)
+    return tuple(types)
+
+
 def _where(what: str, model: str | None, url: str | None) -> str:
     """The context an error message starts with: the model (or else the operation) and the URL."""
     subject = f"model '{model}'" if model else what
@@ -261,6 +303,11 @@ def translate(
             message = f"{where}: no answer within the timeout{limit} ({server_message})"
         if shared_memory and any(marker in server_message.lower() for marker in _SHM_MARKERS):
             message += f"; {SHM_HINT}"
+        if cls is ServerUnavailableError:
+            refused = status == HTTP_UNAVAILABLE or any(m in server_message.lower() for m in _REFUSED_MARKERS)
+            return ServerUnavailableError(
+                message, refused=refused, server_message=server_message, status=status, **context
+            )
         return cls(message, server_message=server_message, status=status, **context)
     if isinstance(error, (asyncio.TimeoutError, TimeoutError, socket.timeout)):
         return DeadlineExceededError(
@@ -270,6 +317,7 @@ def translate(
         detail = str(error) or type(error).__name__
         return ServerUnavailableError(
             f"{where}: cannot reach the server ({detail}); is it running and reachable?",
+            refused=isinstance(error, _refused_types()),
             server_message=detail,
             **context,
         )

@@ -9,6 +9,12 @@ The default policy of `Client` and `AsyncClient` is `RetryPolicy()`: 3 attempts 
 waiting 0.05-0.1 s then 0.1-0.2 s, so a brief blip is ridden out and a dead server
 is reported in well under a second. `RetryPolicy.disabled()` turns retries off; a policy with more
 attempts and a `deadline_s` rides out a server restart (see docs/client.md).
+
+With several replicas (`Client([url, ...])`), one attempt tries the replicas in turn: a refusal
+goes to the next replica at once, and this policy's backoff comes only after every replica refused
+(`kiln.clients._replicas`). There a request that may already have run (a connection lost after
+sending) is sent again only when the call is idempotent; with one URL this policy alone decides,
+as above.
 """
 
 from __future__ import annotations
