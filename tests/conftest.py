@@ -11,7 +11,11 @@ first. The PyTorch side of the pass is set by the environment the script starts 
 from __future__ import annotations
 
 import os
-from typing import Any
+import socket
+from collections.abc import Iterator
+from typing import Any, NamedTuple
+
+import pytest
 
 ORT_VARIATION_ENV = "KILN_TEST_ORT_VARIATION"
 
@@ -47,3 +51,53 @@ def pytest_report_header(config: Any) -> list[str]:
         "numeric variation: ONNX Runtime with 1 intra-op thread and basic graph optimizations; "
         f"PyTorch with {torch_side or 'its defaults'}"
     ]
+
+
+# --- an S3-compatible server on loopback (tests/integration/test_s3_repository.py,
+# tests/unit/test_deploy_manifests.py) -----------------------------------------------------------
+
+S3_BUCKET = "kiln-models"
+S3_CREDENTIALS = {
+    "AWS_ACCESS_KEY_ID": "kiln-test-key",
+    "AWS_SECRET_ACCESS_KEY": "kiln-test-secret",
+    "AWS_DEFAULT_REGION": "us-east-1",
+}
+"""What both boto3 and tritonserver's S3 client read; moto accepts any."""
+S3_CLEARED = ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3")
+
+
+class MotoS3(NamedTuple):
+    endpoint: str
+    client: Any
+    bucket: str
+
+
+@pytest.fixture(scope="module")
+def moto_s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MotoS3]:
+    """moto's S3 server (a real HTTP server speaking S3) on a free loopback port with one bucket;
+    the AWS_* credentials set for the module (and no ~/.aws files or endpoint variables of the
+    machine in the way). Skips, saying why, where moto's server or boto3 is not installed."""
+    moto_server = pytest.importorskip(
+        "moto.server", reason="moto[server] (the dev extra) is not installed: no S3-compatible server"
+    )
+    boto3 = pytest.importorskip("boto3", reason="boto3 (the build and serve extras) is not installed")
+    with pytest.MonkeyPatch.context() as env:
+        for name, value in S3_CREDENTIALS.items():
+            env.setenv(name, value)
+        for name in S3_CLEARED:
+            env.delenv(name, raising=False)
+        nowhere = tmp_path_factory.mktemp("aws") / "none"
+        env.setenv("AWS_CONFIG_FILE", str(nowhere))
+        env.setenv("AWS_SHARED_CREDENTIALS_FILE", str(nowhere))
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+        server.start()
+        try:
+            endpoint = f"http://127.0.0.1:{port}"
+            client = boto3.client("s3", endpoint_url=endpoint)
+            client.create_bucket(Bucket=S3_BUCKET)
+            yield MotoS3(endpoint, client, S3_BUCKET)
+        finally:
+            server.stop()

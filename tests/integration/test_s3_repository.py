@@ -23,7 +23,6 @@ from __future__ import annotations
 import shutil
 import socket
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -35,10 +34,10 @@ from kiln.cli import main
 from kiln.publish_remote import HASH_METADATA, human_bytes
 from kiln.server import FREE_PORT, RepositoryApiError, RepositoryNotFoundError, TritonServer
 
-moto_server = pytest.importorskip(
+pytest.importorskip(
     "moto.server", reason="moto[server] is not installed: no S3-compatible server to publish to"
 )
-boto3 = pytest.importorskip("boto3", reason="boto3 is not installed: kiln publish needs it")
+pytest.importorskip("boto3", reason="boto3 is not installed: kiln publish needs it")
 
 BUCKET = "kiln-models"
 CREDENTIALS = {
@@ -47,7 +46,6 @@ CREDENTIALS = {
     "AWS_DEFAULT_REGION": "us-east-1",
 }
 """What both boto3 (kiln publish) and tritonserver's S3 client read; moto accepts any."""
-CLEARED = ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3")
 PIPELINE = "fraud_scorer"
 PIPELINE_MODELS = {"fraud", "fraud_features", "fraud_threshold", "fraud_scorer"}
 MODEL = "fraud"
@@ -76,27 +74,10 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3]:
-    """moto's S3 server on a free loopback port with one bucket; AWS_* set for boto3 (and
-    no ~/.aws files or endpoint variables of the machine in the way)."""
-    with pytest.MonkeyPatch.context() as env:
-        for name, value in CREDENTIALS.items():
-            env.setenv(name, value)
-        for name in CLEARED:
-            env.delenv(name, raising=False)
-        nowhere = tmp_path_factory.mktemp("aws") / "none"
-        env.setenv("AWS_CONFIG_FILE", str(nowhere))
-        env.setenv("AWS_SHARED_CREDENTIALS_FILE", str(nowhere))
-        port = free_port()
-        server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-        server.start()
-        try:
-            endpoint = f"http://127.0.0.1:{port}"
-            client = boto3.client("s3", endpoint_url=endpoint)
-            client.create_bucket(Bucket=BUCKET)
-            yield S3(endpoint, client)
-        finally:
-            server.stop()
+def s3(moto_s3) -> S3:
+    """moto's S3 server with one bucket (tests/conftest.py's `moto_s3`)."""
+    assert moto_s3.bucket == BUCKET
+    return S3(moto_s3.endpoint, moto_s3.client)
 
 
 @pytest.fixture(scope="module")

@@ -28,10 +28,9 @@ import os
 import re
 import shlex
 import shutil
-import socket
 import subprocess
 import sys
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -901,8 +900,6 @@ def test_every_plain_yaml_file_parses() -> None:
 
 
 BUCKET = "kiln-models"
-S3_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "kiln-test", "AWS_SECRET_ACCESS_KEY": "kiln-test", "AWS_DEFAULT_REGION": "us-east-1"}
-S3_CLEARED = ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3")
 FETCHED_MODELS = ("fraud_features", "fraud_scorer")
 """Committed model folders (configs and keep-files: no build needed) uploaded as a small repository."""
 
@@ -932,31 +929,10 @@ class S3Server:
 
 
 @pytest.fixture(scope="module")
-def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
-    moto_server = pytest.importorskip(
-        "moto.server", reason="moto[server] (the dev extra) is not installed: no S3 server to copy from"
-    )
-    boto3 = pytest.importorskip("boto3", reason="boto3 (the build extra) is not installed: fetch_repository.py needs it")
-    with pytest.MonkeyPatch.context() as env:
-        for name, value in S3_CREDENTIALS.items():
-            env.setenv(name, value)
-        for name in S3_CLEARED:
-            env.delenv(name, raising=False)
-        nowhere = tmp_path_factory.mktemp("aws") / "none"
-        env.setenv("AWS_CONFIG_FILE", str(nowhere))
-        env.setenv("AWS_SHARED_CREDENTIALS_FILE", str(nowhere))
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            port = probe.getsockname()[1]
-        server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-        server.start()
-        try:
-            endpoint = f"http://127.0.0.1:{port}"
-            client = boto3.client("s3", endpoint_url=endpoint)
-            client.create_bucket(Bucket=BUCKET)
-            yield S3Server(endpoint, client)
-        finally:
-            server.stop()
+def s3_server(moto_s3) -> S3Server:
+    """moto's S3 server with one bucket (tests/conftest.py's `moto_s3`)."""
+    assert moto_s3.bucket == BUCKET
+    return S3Server(moto_s3.endpoint, moto_s3.client)
 
 
 def fetch(url: str, destination: Path) -> subprocess.CompletedProcess[str]:
