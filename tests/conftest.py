@@ -94,10 +94,22 @@ def moto_s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MotoS3]:
             port = probe.getsockname()[1]
         server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
         server.start()
+        endpoint = f"http://127.0.0.1:{port}"
         try:
-            endpoint = f"http://127.0.0.1:{port}"
+            # moto keeps its buckets in process-wide state, shared by every server it starts in
+            # this process: start each module from an empty store, and leave one behind.
+            _reset_moto(endpoint)
             client = boto3.client("s3", endpoint_url=endpoint)
             client.create_bucket(Bucket=S3_BUCKET)
             yield MotoS3(endpoint, client, S3_BUCKET)
         finally:
+            _reset_moto(endpoint)
             server.stop()
+
+
+def _reset_moto(endpoint: str) -> None:
+    """Empties moto's in-process state through its own API (POST /moto-api/reset)."""
+    import urllib.request
+
+    with urllib.request.urlopen(urllib.request.Request(f"{endpoint}/moto-api/reset", method="POST"), timeout=30):
+        pass
