@@ -199,22 +199,29 @@ class GenerateMetrics:
 
 
 def merge_events(events: list[Event]) -> list[Event]:
-    """One event per handle, in the order each handle first appears: its deltas joined, the last
-    event's finish reason, counts, text and error, `first` if any was the first token.
+    """Each sequence's queued events merged: deltas joined, the last event's finish reason,
+    counts, text and error; per sequence in order, sequences in the order they first appear. A
+    sequence's first token is never merged with what follows it: it goes out alone, so the time
+    to first token does not wait for later tokens (and a stream always shows its first token
+    apart from the rest).
 
     What a response sender that fell behind sends: k responses of one token each cost k round
     trips to the server; one response of k tokens costs one, and the client reads the same text.
     A cancelled or failed sequence's merged event carries its reason, so its earlier deltas are
     dropped with it (the client left, or gets the error)."""
-    merged: dict[int, Event] = {}
+    merged: list[Event] = []
+    open_slots: dict[int, int] = {}  # a sequence -> the index in `merged` its next event joins
     for event in events:
         key = id(event.handle)
-        before = merged.get(key)
-        if before is None:
-            merged[key] = event
+        slot = open_slots.get(key)
+        if slot is None:
+            merged.append(event)
+            if not event.first:
+                open_slots[key] = len(merged) - 1
         else:
-            merged[key] = replace(event, delta=before.delta + event.delta, first=before.first or event.first)
-    return list(merged.values())
+            before = merged[slot]
+            merged[slot] = replace(event, delta=before.delta + event.delta, first=before.first or event.first)
+    return merged
 
 
 class Outbox:
@@ -224,8 +231,8 @@ class Outbox:
     response measured here); on the engine thread it took 43% of the loop at concurrency 8. The
     engine now only appends an iteration's events to a queue; this thread takes everything
     queued, merges each sequence's events (`merge_events`) and sends them. Keeping up, it sends
-    one response per token; falling behind, fewer, larger deltas, so the engine's speed and not
-    the sender's bounds tokens per second. Per sequence, order is kept: its final response is
+    one response per token; falling behind, fewer, larger deltas (a first token always alone), so
+    the engine's speed and not the sender's bounds tokens per second. Per sequence, order is kept: its final response is
     always its last.
 
     `send(event)` does the sending (and must not raise: failures are its to handle); `close`

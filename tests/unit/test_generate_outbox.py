@@ -27,13 +27,29 @@ def event(handle: Handle, delta: str, reason: str | None = None, done: int = 1, 
 def test_merge_joins_each_sequences_deltas_in_order_and_keeps_its_last_state():
     a, b = Handle("a"), Handle("b")
     merged = merge_events([
+        event(a, "He", done=2), event(b, "x", done=5), event(a, "ll", done=3),
+        event(b, "y", done=6), event(a, "o", FINISH_LENGTH, done=4),
+    ])
+    assert [(m.handle.name, m.delta, m.finish_reason, m.completion_tokens) for m in merged] == [
+        ("a", "Hello", FINISH_LENGTH, 4),
+        ("b", "xy", None, 6),
+    ]
+
+
+def test_merge_sends_a_sequences_first_token_alone():
+    a, b = Handle("a"), Handle("b")
+    merged = merge_events([
         event(a, "He", first=True), event(b, "x", first=True), event(a, "ll", done=2),
         event(b, "y", done=2), event(a, "o", FINISH_LENGTH, done=3),
     ])
-    assert [(m.handle.name, m.delta, m.finish_reason, m.completion_tokens, m.first) for m in merged] == [
-        ("a", "Hello", FINISH_LENGTH, 3, True),
-        ("b", "xy", None, 2, True),
+    assert [(m.handle.name, m.delta, m.finish_reason, m.first) for m in merged] == [
+        ("a", "He", None, True),
+        ("b", "x", None, True),
+        ("a", "llo", FINISH_LENGTH, False),
+        ("b", "y", None, False),
     ]
+    (alone,) = merge_events([event(a, "Hi", FINISH_LENGTH, first=True)])
+    assert alone.first and alone.finish_reason == FINISH_LENGTH
 
 
 def test_merge_of_a_cancelled_sequence_carries_the_cancel():
@@ -62,7 +78,7 @@ def test_a_slow_sender_gets_fewer_larger_deltas_and_the_same_text_with_the_final
         assert "".join(e.delta for e in mine) == "".join(f"{step}," for step in range(tokens))
         assert mine[-1].finish_reason == FINISH_LENGTH and mine[-1].completion_tokens == tokens
         assert all(e.finish_reason is None for e in mine[:-1])
-        assert mine[0].first
+        assert mine[0].first and mine[0].delta == "0,", "the first token goes out alone"
         assert len(mine) < tokens, "a lagging sender should have merged deltas"
 
 
