@@ -57,7 +57,7 @@ soak: build-engines  ## the 10-minute soak at 70% of measured capacity (CI runs 
 	KILN_SOAK_SECONDS=600 $(PY) -m pytest -s -m soak tests/integration/test_reliability_soak.py
 
 lint: setup
-	$(VENV)/bin/ruff check kiln build backends clients models tests loadtests benchmarks scripts
+	$(VENV)/bin/ruff check kiln build backends clients models tests loadtests benchmarks scripts deploy
 	$(PY) scripts/unasync.py --check
 
 clean:  ## remove build outputs (not the virtual environment)

@@ -232,8 +232,8 @@ class Outbox:
     engine now only appends an iteration's events to a queue; this thread takes everything
     queued, merges each sequence's events (`merge_events`) and sends them. Keeping up, it sends
     one response per token; falling behind, fewer, larger deltas (a first token always alone), so
-    the engine's speed and not the sender's bounds tokens per second. Per sequence, order is kept: its final response is
-    always its last.
+    the engine's speed and not the sender's bounds tokens per second. Per sequence, order is
+    kept: its final response is always its last.
 
     `send(event)` does the sending (and must not raise: failures are its to handle); `close`
     sends what is queued, then stops the thread and drops every reference to the handles.
