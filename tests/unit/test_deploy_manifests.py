@@ -44,6 +44,7 @@ from packaging.requirements import Requirement
 from tritonclient.grpc import model_config_pb2
 
 from kiln import paths
+from kiln.server.liveness import LIVE_PATH as LIVENESS_PATH
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
@@ -262,7 +263,11 @@ def test_probes_ask_triton_on_the_http_port(rendered: dict[str, list[dict[str, A
     server = container(rendered[values])
     ports = {p["name"]: p["containerPort"] for p in server["ports"]}
     assert ports == {"http": 8000, "grpc": 8001, "metrics": 8002}
-    assert server["livenessProbe"]["httpGet"] == {"path": HTTP_LIVE, "port": "http"}
+    # Liveness: dead python backend stubs (Triton stays live with one) and then /v2/health/live.
+    assert server["livenessProbe"]["exec"]["command"] == [
+        "python3", "-m", "kiln.server.liveness", "--url", f"http://127.0.0.1:{ports['http']}"
+    ]
+    assert HTTP_LIVE == LIVENESS_PATH
     assert server["readinessProbe"]["httpGet"] == {"path": HTTP_READY, "port": "http"}
     startup = server["startupProbe"]
     assert startup["httpGet"] == {"path": HTTP_READY, "port": "http"}
