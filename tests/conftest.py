@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import socket
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any, NamedTuple
 
 import pytest
@@ -113,3 +114,18 @@ def _reset_moto(endpoint: str) -> None:
 
     with urllib.request.urlopen(urllib.request.Request(f"{endpoint}/moto-api/reset", method="POST"), timeout=30):
         pass
+
+
+@pytest.fixture(scope="session")
+def tinylm_folder() -> Path:
+    """The newest version folder of the published decoder (model.onnx, tokenizer.json,
+    generation.json), found as kiln_generate finds it."""
+    from kiln import paths
+    from kiln.serving.adapter import find_artifact
+
+    try:
+        return find_artifact(
+            paths.model_repository(), "tinylm", "generation.json", for_model="tinylm_generate"
+        ).parent
+    except FileNotFoundError as error:
+        pytest.fail(str(error), pytrace=False)

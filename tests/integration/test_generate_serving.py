@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 
-from kiln import paths, tensors
+from kiln import tensors
 from kiln.server import TritonServer
 from kiln.serving import generate as g
 
@@ -38,21 +38,15 @@ METRICS_WAIT_S = 10.0
 """The backend pushes its metrics once a second; a count must show within this."""
 
 
-def model_folder() -> Path:
-    folder = paths.model_repository() / "tinylm"
-    versions = sorted(
-        (p for p in folder.glob("*") if p.name.isdigit() and (p / "generation.json").is_file()),
-        key=lambda p: int(p.name),
-    )
-    if not versions:
-        pytest.fail(f"tinylm is not built in {folder}: run `make build-engines`", pytrace=False)
-    return versions[-1]
+@pytest.fixture(scope="module")
+def loaded(tinylm_folder: Path) -> g.LoadedModel:
+    """The served decoder, loaded in process with the served model's parameters."""
+    return g.LoadedModel.from_folder(tinylm_folder, g.default_params())
 
 
 @pytest.fixture(scope="module")
-def reference() -> Callable[..., g.Event]:
+def reference(loaded: g.LoadedModel) -> Callable[..., g.Event]:
     """Generates in process with the served model's engine and parameters (greedy)."""
-    loaded = g.LoadedModel.from_folder(model_folder(), g.default_params())
 
     def generate(prompt: str, **fields: object) -> g.Event:
         events: list[g.Event] = []
@@ -254,10 +248,9 @@ def test_bad_requests_fail_alone_while_others_stream(server: TritonServer, refer
     assert [status for status, _ in http] == [400, 400, 200]
 
 
-def test_cancelling_a_stream_frees_its_sequence(server: TritonServer, reference) -> None:
+def test_cancelling_a_stream_frees_its_sequence(server: TritonServer, reference, loaded: g.LoadedModel) -> None:
     cancelled_before = settled(server, "kiln_generate_requests_total", finish_reason="cancelled")
     want = reference(PROMPTS[1], max_tokens=24)
-    loaded = g.LoadedModel.from_folder(model_folder(), g.default_params())
     prompt = g.GenerationRequest.create(loaded.tokenizer, loaded.info, g.default_params(), PROMPTS[0])
     longest = loaded.info.max_context - len(prompt.prompt_ids)  # all the context: as long as it can run
     doomed = Stream(server)

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from kiln import paths, tensors
+from kiln import tensors
 from kiln.clients import (
     AsyncTextGenerator,
     Client,
@@ -83,17 +83,6 @@ def raw_generate(server: TritonServer, prompt: str, **fields: object) -> dict:
         raise AssertionError(f"the reference request failed: {error.code} {error.read()!r}") from None
 
 
-def model_folder() -> Path:
-    folder = paths.model_repository() / "tinylm"
-    versions = sorted(
-        (p for p in folder.glob("*") if p.name.isdigit() and (p / "generation.json").is_file()),
-        key=lambda p: int(p.name),
-    )
-    if not versions:
-        pytest.fail(f"tinylm is not built in {folder}: run `make build-engines`", pytrace=False)
-    return versions[-1]
-
-
 @dataclass(frozen=True)
 class Long:
     """The greedy request of PROMPTS (max_tokens filling the model's context) that runs longest:
@@ -106,8 +95,8 @@ class Long:
 
 
 @pytest.fixture(scope="module")
-def long_request(server: TritonServer) -> Long:
-    context = json.loads((model_folder() / "generation.json").read_text())["max_context"]
+def long_request(server: TritonServer, tinylm_folder: Path) -> Long:
+    context = json.loads((tinylm_folder / "generation.json").read_text())["max_context"]
     runs = []
     for prompt in PROMPTS:
         max_tokens = context - raw_generate(server, prompt, max_tokens=1)["prompt_tokens"]

@@ -14,7 +14,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from kiln import paths
 from kiln.serving import generate as g
 
 PROMPTS = (
@@ -26,21 +25,9 @@ PROMPTS = (
 """Prompts of different token lengths (so prefill pads them and decode caches differ)."""
 
 
-def model_folder() -> Path:
-    """The newest version folder of the published decoder (the build publishes it)."""
-    folder = paths.model_repository() / "tinylm"
-    versions = sorted(
-        (p for p in folder.glob("*") if p.name.isdigit() and (p / "generation.json").is_file()),
-        key=lambda p: int(p.name),
-    )
-    if not versions:
-        pytest.fail(f"tinylm is not built in {folder}: run `make build-engines`", pytrace=False)
-    return versions[-1]
-
-
 @pytest.fixture(scope="module")
-def loaded() -> g.LoadedModel:
-    return g.LoadedModel.from_folder(model_folder(), g.default_params())
+def loaded(tinylm_folder: Path) -> g.LoadedModel:
+    return g.LoadedModel.from_folder(tinylm_folder, g.default_params())
 
 
 class Recorder:
