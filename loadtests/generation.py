@@ -80,6 +80,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from kiln import tensors
+from loadtests import slo as slo_gates
 
 REQUEST_TIMEOUT_S = 120.0
 """A request with no final response this long after it was sent fails."""
@@ -779,20 +780,9 @@ def check(gates: GenerationGates, summary: dict[str, Any]) -> list[Verdict]:
 
 
 def parse_overrides(items: Sequence[str]) -> dict[str, float]:
-    """`["p95_ttft_ms=500"]` -> {"p95_ttft_ms": 500.0}; ValueError names the gates."""
-    out: dict[str, float] = {}
-    for item in items:
-        name, sep, value = item.partition("=")
-        name = name.strip()
-        if not sep or name not in GATE_NAMES:
-            raise ValueError(
-                f"--gate takes NAME=NUMBER with NAME one of {', '.join(GATE_NAMES)}, got {item!r}"
-            )
-        try:
-            out[name] = float(value)
-        except ValueError:
-            raise ValueError(f"--gate {name}: {value!r} is not a number") from None
-    return out
+    """`["p95_ttft_ms=500"]` -> {"p95_ttft_ms": 500.0}; ValueError names the gates
+    (`loadtests.slo.parse_overrides` over this suite's GATE_NAMES)."""
+    return slo_gates.parse_overrides(items, GATE_NAMES)
 
 
 @dataclass(frozen=True)
