@@ -197,6 +197,17 @@ def test_a_step_input_file_keeps_at_most_the_element_budget(elements: int, count
     assert bench_run.step_items_kept(requests) == kept
 
 
+@pytest.mark.parametrize("pipeline", ["text_embedder", "fraud_scorer"])
+def test_target_5_measures_a_pipeline_and_its_steps_on_the_whole_mix(pipeline: str) -> None:
+    """The pipeline and its steps alone get the same requests, and all of the mix: the text mix's
+    costly tail (its two 128-token texts come after the 12 shortest) is in both."""
+    from loadtests import inputs
+
+    corpus = inputs.build(pipeline, reference=False)
+    items = bench_run.target5_items(corpus)
+    assert [item.name for item in items] == [item.name for item in corpus.items]
+
+
 def _bench_with_cells(tmp_path: Path, cells: dict[str, dict[str, Any]], **settings: Any) -> bench_run.Bench:
     bench = bench_run.Bench(argparse.Namespace(), bench_run.Settings(**settings), tmp_path)
     bench.cells = {cell_id: {"median": median} for cell_id, median in cells.items()}
