@@ -230,72 +230,101 @@ class GenerationRequest:
         stream: bool = True,
     ) -> GenerationRequest:
         """Validates one request; GenerationError names the field and what was wrong."""
-        if isinstance(prompt, bytes):
-            try:
-                prompt = prompt.decode("utf-8")
-            except UnicodeDecodeError as error:
-                raise GenerationError(
-                    f"text_input is not valid UTF-8 (byte {error.start}: {error.reason})"
-                ) from None
-        size = len(prompt.encode("utf-8"))
-        if not prompt.strip():
-            raise GenerationError("text_input is empty: send a prompt of at least one character")
-        if size > params.max_prompt_bytes:
-            raise GenerationError(
-                f"text_input is {size} bytes, more than max_prompt_bytes {params.max_prompt_bytes}"
-            )
+        prompt = _check_prompt(prompt, params)
         ids = tokenizer.encode(prompt)
-        if max_tokens is None:
-            max_tokens = min(params.default_max_tokens, max(1, info.max_context - len(ids)))
-        if max_tokens < 1:
-            raise GenerationError(f"max_tokens must be at least 1, got {max_tokens}")
-        if len(ids) + max_tokens > info.max_context:
-            raise GenerationError(
-                f"the prompt ({len(ids)} tokens) plus max_tokens ({max_tokens}) is more than the "
-                f"model's context of {info.max_context} tokens: shorten the prompt or lower max_tokens"
-            )
-        reservation = len(ids) + max_tokens
-        if reservation > params.kv_cache_tokens:
-            raise GenerationError(
-                f"the prompt ({len(ids)} tokens) plus max_tokens ({max_tokens}) is more than the "
-                f"KV-cache budget of {params.kv_cache_tokens} tokens: lower max_tokens"
-            )
-        temperature = 1.0 if temperature is None else float(temperature)
-        if not math.isfinite(temperature) or not 0.0 <= temperature <= MAX_TEMPERATURE:
-            raise GenerationError(
-                f"temperature must be between 0 and {MAX_TEMPERATURE:g} (0 is greedy), got {temperature}"
-            )
-        top_k = 0 if top_k is None else int(top_k)
-        if top_k < 0:
-            raise GenerationError(f"top_k must be 0 (off) or a positive number of tokens, got {top_k}")
-        top_p = 1.0 if top_p is None else float(top_p)
-        if not math.isfinite(top_p) or not 0.0 < top_p <= 1.0:
-            raise GenerationError(f"top_p must be in (0, 1], got {top_p}")
-        if seed is not None and not 0 <= int(seed) < 2**63:
-            raise GenerationError(f"seed must be between 0 and 2**63 - 1, got {seed}")
-        stops: list[str] = []
-        for index, item in enumerate(stop):
-            if isinstance(item, bytes):
-                try:
-                    item = item.decode("utf-8")
-                except UnicodeDecodeError:
-                    raise GenerationError(f"stop[{index}] is not valid UTF-8") from None
-            if not item:
-                raise GenerationError(f"stop[{index}] is empty: every stop string needs a character")
-            if len(item.encode("utf-8")) > MAX_STOP_BYTES:
-                raise GenerationError(f"stop[{index}] is longer than {MAX_STOP_BYTES} bytes")
-            stops.append(item)
-        if len(stops) > MAX_STOP_STRINGS:
-            raise GenerationError(f"at most {MAX_STOP_STRINGS} stop strings, got {len(stops)}")
-        sampling = SamplingParams(
-            max_tokens=int(max_tokens),
-            temperature=temperature,
-            top_k=top_k,
-            top_p=top_p,
-            seed=None if seed is None else int(seed),
-            stop=tuple(stops),
-        )
+        max_tokens = _check_length(len(ids), max_tokens, info, params)
+        sampling = _sampling(max_tokens, temperature, top_k, top_p, seed, _stop_strings(stop))
         return cls(prompt=prompt, prompt_ids=tuple(ids), sampling=sampling, stream=stream)
+
+
+def _check_prompt(prompt: str | bytes, params: GenerateParams) -> str:
+    """The prompt as text: valid UTF-8, not blank, at most `max_prompt_bytes`."""
+    if isinstance(prompt, bytes):
+        try:
+            prompt = prompt.decode("utf-8")
+        except UnicodeDecodeError as error:
+            raise GenerationError(
+                f"text_input is not valid UTF-8 (byte {error.start}: {error.reason})"
+            ) from None
+    size = len(prompt.encode("utf-8"))
+    if not prompt.strip():
+        raise GenerationError("text_input is empty: send a prompt of at least one character")
+    if size > params.max_prompt_bytes:
+        raise GenerationError(
+            f"text_input is {size} bytes, more than max_prompt_bytes {params.max_prompt_bytes}"
+        )
+    return prompt
+
+
+def _check_length(prompt_tokens: int, max_tokens: int | None, info: ModelInfo, params: GenerateParams) -> int:
+    """`max_tokens` (its default when None), checked against the context and the KV-cache budget."""
+    if max_tokens is None:
+        max_tokens = min(params.default_max_tokens, max(1, info.max_context - prompt_tokens))
+    if max_tokens < 1:
+        raise GenerationError(f"max_tokens must be at least 1, got {max_tokens}")
+    if prompt_tokens + max_tokens > info.max_context:
+        raise GenerationError(
+            f"the prompt ({prompt_tokens} tokens) plus max_tokens ({max_tokens}) is more than the "
+            f"model's context of {info.max_context} tokens: shorten the prompt or lower max_tokens"
+        )
+    if prompt_tokens + max_tokens > params.kv_cache_tokens:
+        raise GenerationError(
+            f"the prompt ({prompt_tokens} tokens) plus max_tokens ({max_tokens}) is more than the "
+            f"KV-cache budget of {params.kv_cache_tokens} tokens: lower max_tokens"
+        )
+    return max_tokens
+
+
+def _sampling(
+    max_tokens: int,
+    temperature: float | None,
+    top_k: int | None,
+    top_p: float | None,
+    seed: int | None,
+    stops: tuple[str, ...],
+) -> SamplingParams:
+    """The sampling settings with their defaults, each checked against its range."""
+    temperature = 1.0 if temperature is None else float(temperature)
+    if not math.isfinite(temperature) or not 0.0 <= temperature <= MAX_TEMPERATURE:
+        raise GenerationError(
+            f"temperature must be between 0 and {MAX_TEMPERATURE:g} (0 is greedy), got {temperature}"
+        )
+    top_k = 0 if top_k is None else int(top_k)
+    if top_k < 0:
+        raise GenerationError(f"top_k must be 0 (off) or a positive number of tokens, got {top_k}")
+    top_p = 1.0 if top_p is None else float(top_p)
+    if not math.isfinite(top_p) or not 0.0 < top_p <= 1.0:
+        raise GenerationError(f"top_p must be in (0, 1], got {top_p}")
+    if seed is not None and not 0 <= int(seed) < 2**63:
+        raise GenerationError(f"seed must be between 0 and 2**63 - 1, got {seed}")
+    return SamplingParams(
+        max_tokens=int(max_tokens),
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        seed=None if seed is None else int(seed),
+        stop=stops,
+    )
+
+
+def _stop_strings(stop: Sequence[str | bytes]) -> tuple[str, ...]:
+    """The stop strings as text: each valid UTF-8, not empty, at most MAX_STOP_BYTES; at most
+    MAX_STOP_STRINGS of them."""
+    stops: list[str] = []
+    for index, item in enumerate(stop):
+        if isinstance(item, bytes):
+            try:
+                item = item.decode("utf-8")
+            except UnicodeDecodeError:
+                raise GenerationError(f"stop[{index}] is not valid UTF-8") from None
+        if not item:
+            raise GenerationError(f"stop[{index}] is empty: every stop string needs a character")
+        if len(item.encode("utf-8")) > MAX_STOP_BYTES:
+            raise GenerationError(f"stop[{index}] is longer than {MAX_STOP_BYTES} bytes")
+        stops.append(item)
+    if len(stops) > MAX_STOP_STRINGS:
+        raise GenerationError(f"at most {MAX_STOP_STRINGS} stop strings, got {len(stops)}")
+    return tuple(stops)
 
 
 # --- text out -----------------------------------------------------------------------------------

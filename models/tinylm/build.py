@@ -979,52 +979,15 @@ def verify_variant(
     compared = ties = 0
     for index, (tokens, prompt) in enumerate(prompts):
         where = f"prompt {index} ({prompt} + {len(tokens) - prompt} tokens)"
-        logits, present = cached(run, source, tokens, prompt)
-        want_logits, want_present = whole_sequence(reference, source, tokens)
-        name = f"(a) cache vs whole sequence, {where}"
-        errors["cache_vs_whole"] = max(
-            errors["cache_vs_whole"],
-            _close(variant, name, LOGITS, logits, want_logits, tolerance, reference_name),
+        logits_error, present_error = _cache_vs_whole(
+            variant, run, reference, reference_name, source, tolerance, tokens, prompt, where
         )
-        for layer in range(source.layers):
-            for kind, got, want in (
-                (present_key(layer), present[2 * layer], want_present[2 * layer]),
-                (present_value(layer), present[2 * layer + 1], want_present[2 * layer + 1]),
-            ):
-                errors["present_vs_whole"] = max(
-                    errors["present_vs_whole"],
-                    _close(
-                        variant, name, kind, got.transpose(1, 0, 2), want.transpose(1, 0, 2),
-                        tolerance, reference_name,
-                    ),
-                )
-        with_cache = greedy(run, source, tokens[:prompt], source.decode_tokens, cache=True)
-        without = greedy(run, source, tokens[:prompt], source.decode_tokens, cache=False)
-        for step, (got_token, want_token) in enumerate(zip(with_cache.tokens, without.tokens, strict=True)):
-            if got_token == want_token:
-                compared += 1
-                continue
-            if without.gaps[step] <= _tie_bound(tolerance, without.magnitudes[step]):
-                ties += 1  # a near-tie broken the other way: the sequences part here, legitimately
-                break
-            raise KVCacheError(
-                f"variant {variant}: (b) greedy with vs without the cache, {where}: token "
-                f"{step} of {source.decode_tokens} is {got_token} with the cache and {want_token} "
-                f"without (their top-2 logit gap {without.gaps[step]:.3g}); tokens so far "
-                f"{list(without.tokens[:step])}"
-            )
-    steps = source.decode_tokens
-    together = padded_batch(run, source, [t for t, _ in prompts], [p for _, p in prompts], steps)
-    for index, ((tokens, prompt), got) in enumerate(zip(prompts, together, strict=True)):
-        want = alone(run, source, tokens, prompt, steps)
-        name = (
-            f"(c) padded batch of {len(prompts)} (prompts of {', '.join(str(p) for _, p in prompts)} "
-            f"tokens, {steps} decode steps) vs alone, prompt {index}"
-        )
-        errors["padded_vs_alone"] = max(
-            errors["padded_vs_alone"],
-            _close(variant, name, LOGITS, got, want, tolerance, "the same sequence alone"),
-        )
+        errors["cache_vs_whole"] = max(errors["cache_vs_whole"], logits_error)
+        errors["present_vs_whole"] = max(errors["present_vs_whole"], present_error)
+        equal, tie = _greedy_with_and_without_cache(variant, run, source, tolerance, tokens, prompt, where)
+        compared += equal
+        ties += tie
+    errors["padded_vs_alone"] = _padded_vs_alone(variant, run, source, tolerance, prompts)
     return {
         "reference": reference_name,
         "tolerance": {"atol": tolerance.atol, "rtol": tolerance.rtol},
@@ -1032,6 +995,87 @@ def verify_variant(
         "greedy_tokens_equal": compared,
         "greedy_near_ties": ties,
     }
+
+
+def _cache_vs_whole(
+    variant: str,
+    run: Runner,
+    reference: Runner,
+    reference_name: str,
+    source: TinyLMSource,
+    tolerance: Tolerance,
+    tokens: Sequence[int],
+    prompt: int,
+    where: str,
+) -> tuple[float, float]:
+    """Check (a) of `verify_variant` on one prompt: (max abs error of the logits, of the presents)."""
+    logits, present = cached(run, source, tokens, prompt)
+    want_logits, want_present = whole_sequence(reference, source, tokens)
+    name = f"(a) cache vs whole sequence, {where}"
+    logits_error = _close(variant, name, LOGITS, logits, want_logits, tolerance, reference_name)
+    present_error = 0.0
+    for layer in range(source.layers):
+        for kind, got, want in (
+            (present_key(layer), present[2 * layer], want_present[2 * layer]),
+            (present_value(layer), present[2 * layer + 1], want_present[2 * layer + 1]),
+        ):
+            present_error = max(
+                present_error,
+                _close(
+                    variant, name, kind, got.transpose(1, 0, 2), want.transpose(1, 0, 2),
+                    tolerance, reference_name,
+                ),
+            )
+    return logits_error, present_error
+
+
+def _greedy_with_and_without_cache(
+    variant: str,
+    run: Runner,
+    source: TinyLMSource,
+    tolerance: Tolerance,
+    tokens: Sequence[int],
+    prompt: int,
+    where: str,
+) -> tuple[int, int]:
+    """Check (b) of `verify_variant` on one prompt: (tokens found equal, near-ties broken: 0 or 1)."""
+    with_cache = greedy(run, source, tokens[:prompt], source.decode_tokens, cache=True)
+    without = greedy(run, source, tokens[:prompt], source.decode_tokens, cache=False)
+    compared = 0
+    for step, (got_token, want_token) in enumerate(zip(with_cache.tokens, without.tokens, strict=True)):
+        if got_token == want_token:
+            compared += 1
+            continue
+        if without.gaps[step] <= _tie_bound(tolerance, without.magnitudes[step]):
+            return compared, 1  # a near-tie broken the other way: the sequences part here, legitimately
+        raise KVCacheError(
+            f"variant {variant}: (b) greedy with vs without the cache, {where}: token "
+            f"{step} of {source.decode_tokens} is {got_token} with the cache and {want_token} "
+            f"without (their top-2 logit gap {without.gaps[step]:.3g}); tokens so far "
+            f"{list(without.tokens[:step])}"
+        )
+    return compared, 0
+
+
+def _padded_vs_alone(
+    variant: str,
+    run: Runner,
+    source: TinyLMSource,
+    tolerance: Tolerance,
+    prompts: Sequence[tuple[Sequence[int], int]],
+) -> float:
+    """Check (c) of `verify_variant`: the max abs error of the padded batch's logits."""
+    steps = source.decode_tokens
+    together = padded_batch(run, source, [t for t, _ in prompts], [p for _, p in prompts], steps)
+    error = 0.0
+    for index, ((tokens, prompt), got) in enumerate(zip(prompts, together, strict=True)):
+        want = alone(run, source, tokens, prompt, steps)
+        name = (
+            f"(c) padded batch of {len(prompts)} (prompts of {', '.join(str(p) for _, p in prompts)} "
+            f"tokens, {steps} decode steps) vs alone, prompt {index}"
+        )
+        error = max(error, _close(variant, name, LOGITS, got, want, tolerance, "the same sequence alone"))
+    return error
 
 
 def verify(
