@@ -647,6 +647,25 @@ def _int8_value(field: str, value: Any) -> Any:
     return str(value)
 
 
+def _int8_values(int8: Int8Options | Mapping[str, Any]) -> dict[str, Any]:
+    """Every `Int8Options` field's value from `int8` (options or a mapping), None where not given."""
+    if isinstance(int8, Int8Options):
+        return {name: getattr(int8, name) for name in INT8_FIELDS}
+    if isinstance(int8, Mapping):
+        unknown = [k for k in int8 if k not in INT8_FIELDS]
+        if unknown:
+            raise ByomError(
+                f"int8 settings: {', '.join(map(repr, unknown))} is no field of kiln.spec.Int8Options "
+                f"({', '.join(INT8_FIELDS)})"
+            )
+        values = {name: None for name in INT8_FIELDS}
+        values.update({k: None if v is None else _int8_value(k, v) for k, v in int8.items()})
+        return values
+    raise ByomError(
+        f"int8 must be a kiln.spec.Int8Options or a mapping of its fields, got {type(int8).__name__}"
+    )
+
+
 def _int8_options(
     int8: Int8Options | Mapping[str, Any] | None, signature: Signature, variants: Sequence[Variant]
 ) -> tuple[Int8Options | None, list[str]]:
@@ -665,21 +684,7 @@ def _int8_options(
         raise ByomError(
             "INT8 settings were given, but no int8 variant is asked for (add int8 to the variants)"
         )
-    if isinstance(int8, Int8Options):
-        values = {name: getattr(int8, name) for name in INT8_FIELDS}
-    elif isinstance(int8, Mapping):
-        unknown = [k for k in int8 if k not in INT8_FIELDS]
-        if unknown:
-            raise ByomError(
-                f"int8 settings: {', '.join(map(repr, unknown))} is no field of kiln.spec.Int8Options "
-                f"({', '.join(INT8_FIELDS)})"
-            )
-        values = {name: None for name in INT8_FIELDS}
-        values.update({k: None if v is None else _int8_value(k, v) for k, v in int8.items()})
-    else:
-        raise ByomError(
-            f"int8 must be a kiln.spec.Int8Options or a mapping of its fields, got {type(int8).__name__}"
-        )
+    values = _int8_values(int8)
     names = [name for name, _ in signature.nodes]
     types = sorted({op for _, op in signature.nodes})
     problems, notes = [], []
@@ -865,12 +870,28 @@ def _spec_text(
     int8_notes: Sequence[str] = (),
 ) -> str:
     """spec.py: a commented ModelSpec."""
-    from kiln.build import gates
+    lines = _spec_preamble(
+        name=name, description=description, origin=origin, source=source, variants=variants,
+        batched=signature.batched, int8=int8 is not None,
+    )
+    lines += _spec_serving_text(signature)
+    lines += _warmup_text(warmup)
+    lines += _build_text(
+        signature=signature, source=source, variants=variants, held=held, kinds=kinds, int8=int8,
+        int8_notes=int8_notes,
+    )
+    lines += [")", ""]
+    return "\n".join(lines)
 
-    batched = signature.batched
+
+def _spec_preamble(
+    *, name: str, description: str, origin: str, source: str, variants: Sequence[Variant], batched: bool,
+    int8: bool,
+) -> list[str]:
+    """spec.py's docstring, imports and `HERE`, up to the ModelSpec's name, description and backend."""
     read_from = "the ONNX graph" if source.startswith("OnnxFileSource") else "its ONNX export"
     served = ", ".join(served_name(name, v.precision) for v in variants if v.serve)
-    lines = [
+    return [
         f'"""{name}: {description}',
         "",
         f"Scaffolded by `kiln add` from {origin}: the tensors were read from {read_from},",
@@ -889,7 +910,7 @@ def _spec_text(
         *(["    CheckpointSource,"] if source.startswith("CheckpointSource") else []),
         *(["    DynamicBatching,"] if batched else []),
         "    InstanceGroup,",
-        *(["    Int8Options,"] if int8 is not None else []),
+        *(["    Int8Options,"] if int8 else []),
         "    ModelSpec,",
         *(["    OnnxFileSource,"] if source.startswith("OnnxFileSource") else []),
         "    OutputCheck,",
@@ -906,6 +927,12 @@ def _spec_text(
         f"    description={_py(description)},",
         '    backend="kiln_onnx",',
     ]
+
+
+def _spec_serving_text(signature: Signature) -> list[str]:
+    """The ModelSpec's tensors, batching and instance groups, commented."""
+    batched = signature.batched
+    lines: list[str] = []
     for role, tensors in (("inputs", signature.inputs), ("outputs", signature.outputs)):
         lines.append(f"    {role}=(")
         for t in tensors:
@@ -925,27 +952,38 @@ def _spec_text(
             f"    dynamic_batching=DynamicBatching(max_queue_delay_us={MAX_QUEUE_DELAY_US}),",
         ]
     lines.append('    instance_groups=(InstanceGroup(kind="CPU", count=1),),')
-    if warmup.dims:
-        shapes = ", ".join(f"{k} {list(v)}" for k, v in warmup.dims.items())
-        lines += [
-            "    # One zero-filled request before the model is marked ready; the inputs with a -1 dim",
-            f"    # warm up at the samples' shape ({shapes}).",
-            "    warmup=(",
-            "        Warmup(",
-            f'            name={_py(warmup.name)}, batch_size=1, data="zero",',
-            f"            dims={_py(dict(warmup.dims))},",
-            "        ),",
-            "    ),",
-        ]
-    else:
-        lines += [
+    return lines
+
+
+def _warmup_text(warmup: Warmup) -> list[str]:
+    """The ModelSpec's `warmup=` lines: one zero-filled request, at the samples' shape if dims vary."""
+    if not warmup.dims:
+        return [
             "    # One zero-filled request before the model is marked ready.",
             f'    warmup=(Warmup(name={_py(warmup.name)}, batch_size=1, data="zero"),),',
         ]
+    shapes = ", ".join(f"{k} {list(v)}" for k, v in warmup.dims.items())
+    return [
+        "    # One zero-filled request before the model is marked ready; the inputs with a -1 dim",
+        f"    # warm up at the samples' shape ({shapes}).",
+        "    warmup=(",
+        "        Warmup(",
+        f'            name={_py(warmup.name)}, batch_size=1, data="zero",',
+        f"            dims={_py(dict(warmup.dims))},",
+        "        ),",
+        "    ),",
+    ]
+
+
+def _build_text(
+    *, signature: Signature, source: str, variants: Sequence[Variant], held: _HeldOut,
+    kinds: Mapping[str, _Kind], int8: Int8Options | None, int8_notes: Sequence[str],
+) -> list[str]:
+    """The ModelSpec's `build=BuildSpec(...)` lines: source, opset, variants, INT8 settings, outputs."""
     evaluation = len(next(iter(held.evaluation.values())))
     calibration = len(next(iter(held.calibration.values()))) if held.calibration else 0
     items = f"{evaluation} evaluation" + (f" + {calibration} INT8 calibration" if calibration else "")
-    lines += [
+    lines = [
         "    build=BuildSpec(",
         f"        # {HELD_OUT_FILE}: {items} items.",
         f"        source={source},",
@@ -953,15 +991,9 @@ def _spec_text(
         "        # No labels: every variant is scored by agreement with the FP32 model's outputs",
         "        # (1.0 for FP32 itself); max_metric_drop is how much of it a variant may lose.",
         "        variants=(",
+        *_variants_text(variants),
+        "        ),",
     ]
-    for v in variants:
-        budget = ""
-        if v.precision != "fp32" or v.max_metric_drop:
-            budget = f", max_metric_drop={v.max_metric_drop!r}"
-        serve = "" if v.serve else ", serve=False"
-        optional = ", optional=True" if getattr(v, "optional", False) else ""
-        lines.append(f"            Variant({_py(v.precision)}{budget}{serve}{optional}),")
-    lines.append("        ),")
     if any(getattr(v, "optional", False) for v in variants):
         lines += [
             "        # optional=True: a variant its gates refuse is reported (the build log, the table,",
@@ -969,19 +1001,41 @@ def _spec_text(
         ]
     if int8 is not None:
         lines += _int8_text(int8, int8_notes)
+    lines += _output_checks_text(signature, kinds)
+    lines.append("    ),")
+    return lines
+
+
+def _variants_text(variants: Sequence[Variant]) -> list[str]:
+    """One `Variant(...)` line per variant, the arguments that differ from the defaults given."""
+    lines: list[str] = []
+    for v in variants:
+        budget = ""
+        if v.precision != "fp32" or v.max_metric_drop:
+            budget = f", max_metric_drop={v.max_metric_drop!r}"
+        serve = "" if v.serve else ", serve=False"
+        optional = ", optional=True" if getattr(v, "optional", False) else ""
+        lines.append(f"            Variant({_py(v.precision)}{budget}{serve}{optional}),")
+    return lines
+
+
+def _output_checks_text(signature: Signature, kinds: Mapping[str, _Kind]) -> list[str]:
+    """The BuildSpec's `outputs=(...)` lines: each output's kind and why, after the inference rule."""
+    from kiln.build import gates
+
     rule = (
         "What each output means decides how a variant is measured against FP32. Inferred by the rule "
         f"of kiln.build.gates.infer_kind: {gates.INFERENCE_RULE}. Change a kind where it guessed wrong "
         "(one of class_scores, probabilities, regression, embedding, detections)."
     )
-    lines += [f"        # {line}" for line in textwrap.wrap(rule, 90)]
+    lines = [f"        # {line}" for line in textwrap.wrap(rule, 90)]
     lines.append("        outputs=(")
     for t in signature.outputs:
         kind = kinds[t.name]
         lines.append(f"            # {t.name}: {kind.reason}")
         lines.append(f"            OutputCheck({_py(t.name)}, {_py(kind.kind)}),")
-    lines += ["        ),", "    ),", ")", ""]
-    return "\n".join(lines)
+    lines.append("        ),")
+    return lines
 
 
 def _source_text(kind: str, *, factory: str | None = None) -> str:
@@ -1082,19 +1136,25 @@ def _readme(
         f"{env}kiln serve",
         "```",
         "",
+        *_readme_load_test(name, shapes),
     ]
-    if shapes:
-        lines += [
-            "## Load test",
-            "",
-            "Inputs with a variable dim need their shape given to perf_analyzer:",
-            "",
-            "```bash",
-            f"perf_analyzer -m {name} {' '.join(shapes)}",
-            "```",
-            "",
-        ]
     return "\n".join(lines)
+
+
+def _readme_load_test(name: str, shapes: Sequence[str]) -> list[str]:
+    """README.md's "Load test" section: the perf_analyzer shapes of variable dims (none without any)."""
+    if not shapes:
+        return []
+    return [
+        "## Load test",
+        "",
+        "Inputs with a variable dim need their shape given to perf_analyzer:",
+        "",
+        "```bash",
+        f"perf_analyzer -m {name} {' '.join(shapes)}",
+        "```",
+        "",
+    ]
 
 
 def _summary(
@@ -1155,6 +1215,26 @@ def _granularity_notes(
     ]
 
 
+def _check_opset(signature: Signature) -> None:
+    """Refuses a graph whose opset kiln does not build."""
+    if not OPSETS[0] <= signature.opset <= OPSETS[1]:
+        raise ByomError(
+            f"the graph's opset is {signature.opset}; kiln builds opsets {OPSETS[0]}..{OPSETS[1]}: "
+            "convert it (onnx.version_converter.convert_version(model, 17)) or re-export it"
+        )
+
+
+def _check_and_move(tmp: Path, folder: Path, files: Sequence[str]) -> None:
+    """Reads `tmp`'s spec back as the build would, then moves `files` into `folder` (stale ones removed)."""
+    _check_written(_load_spec(tmp / SPEC_FILE))
+    folder.mkdir(exist_ok=True)
+    for stale in WRITTEN_FILES:
+        if stale not in files and (folder / stale).is_file():
+            (folder / stale).unlink()
+    for written in files:
+        (tmp / written).replace(folder / written)
+
+
 def _write_folder(
     *,
     name: str,
@@ -1180,11 +1260,7 @@ def _write_folder(
     """
     folder = _check_destination(name, dest_dir, force)
     chosen = _variants(variants)
-    if not OPSETS[0] <= signature.opset <= OPSETS[1]:
-        raise ByomError(
-            f"the graph's opset is {signature.opset}; kiln builds opsets {OPSETS[0]}..{OPSETS[1]}: "
-            "convert it (onnx.version_converter.convert_version(model, 17)) or re-export it"
-        )
+    _check_opset(signature)
     kinds = _output_kinds(signature, output_kinds)
     int8_settings, int8_notes = _int8_options(int8, signature, chosen)
     needs_calibration = any(v.precision == "int8" for v in chosen)
@@ -1212,13 +1288,7 @@ def _write_folder(
             held=held, shapes=shapes, files=files, notes=notes, dest_in_models=dest_in_models,
             kinds=kinds,
         ))
-        _check_written(_load_spec(tmp / SPEC_FILE))
-        folder.mkdir(exist_ok=True)
-        for stale in WRITTEN_FILES:
-            if stale not in files and (folder / stale).is_file():
-                (folder / stale).unlink()
-        for written in files:
-            (tmp / written).replace(folder / written)
+        _check_and_move(tmp, folder, files)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     summary = _summary(
@@ -1489,6 +1559,35 @@ def _export_signature(
             f"got {max_batch_size}"
         )
     names = _ordered_inputs(module, arrays)
+    inputs = _sample_inputs(arrays, names, variable_dims)
+    example = tuple(torch.from_numpy(np.ascontiguousarray(arrays[n][: export.EXAMPLE_BATCH])) for n in names)
+    module = copy.deepcopy(module).cpu().eval()
+    try:
+        with torch.no_grad():
+            result = module(*example)
+    except Exception as error:
+        shapes = ", ".join(f"{n} {list(e.shape)} {e.dtype}" for n, e in zip(names, example, strict=True))
+        raise ByomError(
+            f"running the module on the samples ({shapes}) raised {type(error).__name__}: {error}"
+        ) from None
+    outputs = _result_outputs(result, output_names)
+    provisional = ModelSpec(
+        name="byom", backend="kiln_onnx", inputs=tuple(inputs), outputs=tuple(outputs),
+        max_batch_size=max_batch_size, build=BuildSpec(source=None, opset=opset),
+    )
+    with tempfile.TemporaryDirectory(prefix="kiln-add-") as tmp:
+        path = Path(tmp) / "export.onnx"
+        try:
+            export._run_exporter(module, provisional, example, path, export.DEFAULT_EXPORTER)
+        except BuildError as error:
+            raise ByomError(f"exporting the module to ONNX failed: {error}") from None
+        return infer_signature(path, max_batch_size=max_batch_size)
+
+
+def _sample_inputs(
+    arrays: Mapping[str, np.ndarray], names: Sequence[str], variable_dims: Mapping[str, Sequence[int]]
+) -> list[TensorSpec]:
+    """The module's inputs (in `names`' order) from the samples: dtypes, per-item dims, -1 where variable."""
     for name, axes in variable_dims.items():
         if name not in arrays:
             raise ByomError(f"variable dims name {name!r}, which is no input (inputs: {', '.join(names)})")
@@ -1512,16 +1611,13 @@ def _export_signature(
         variable = set(variable_dims.get(name, ()))
         dims = tuple(-1 if i in variable else int(d) for i, d in enumerate(array.shape[1:]))
         inputs.append(TensorSpec(name, dtype, dims))
-    example = tuple(torch.from_numpy(np.ascontiguousarray(arrays[n][: export.EXAMPLE_BATCH])) for n in names)
-    module = copy.deepcopy(module).cpu().eval()
-    try:
-        with torch.no_grad():
-            result = module(*example)
-    except Exception as error:
-        shapes = ", ".join(f"{n} {list(e.shape)} {e.dtype}" for n, e in zip(names, example, strict=True))
-        raise ByomError(
-            f"running the module on the samples ({shapes}) raised {type(error).__name__}: {error}"
-        ) from None
+    return inputs
+
+
+def _result_outputs(result: Any, output_names: Sequence[str] | None) -> list[TensorSpec]:
+    """The module's outputs from what it returned on the samples: names, dtypes and per-item dims."""
+    import torch
+
     results = list(result) if isinstance(result, (tuple, list)) else [result]
     if not all(isinstance(r, torch.Tensor) for r in results):
         raise ByomError(
@@ -1547,17 +1643,60 @@ def _export_signature(
         if dtype is None:
             raise ByomError(f"output {out_name!r} is {tensor.dtype}, which kiln_onnx does not serve")
         outputs.append(TensorSpec(out_name, dtype, tuple(int(d) for d in tensor.shape[1:])))
-    provisional = ModelSpec(
-        name="byom", backend="kiln_onnx", inputs=tuple(inputs), outputs=tuple(outputs),
-        max_batch_size=max_batch_size, build=BuildSpec(source=None, opset=opset),
-    )
-    with tempfile.TemporaryDirectory(prefix="kiln-add-") as tmp:
-        path = Path(tmp) / "export.onnx"
-        try:
-            export._run_exporter(module, provisional, example, path, export.DEFAULT_EXPORTER)
-        except BuildError as error:
-            raise ByomError(f"exporting the module to ONNX failed: {error}") from None
-        return infer_signature(path, max_batch_size=max_batch_size)
+    return outputs
+
+
+def _resolve_module(
+    module_or_factory: Any, checkpoint: Path | str | None, name: str
+) -> tuple[Any, str, str | None, str]:
+    """The module to export, the spec's factory, factory.py's text (an instance's, else None), the origin."""
+    from torch import nn
+
+    if isinstance(module_or_factory, nn.Module):
+        module = module_or_factory
+        if checkpoint is not None:
+            raise ByomError("checkpoint is for a factory; a module instance's own weights are saved")
+        factory_text, factory = _rebuild_factory(module, name)
+        return module, factory, factory_text, f"PyTorch module {type(module).__qualname__}"
+    if callable(module_or_factory) and not isinstance(module_or_factory, str):
+        factory = _importable_name(module_or_factory)
+        if factory is None:
+            raise ByomError(
+                f"factory {module_or_factory!r} cannot be imported by name from another process "
+                "(a lambda, a nested function, or defined in __main__): define it at the top level "
+                "of an importable module and pass 'package.module:function'"
+            )
+    elif isinstance(module_or_factory, str):
+        factory = module_or_factory
+    else:
+        raise ByomError(
+            "module_or_factory must be a torch.nn.Module, a factory function or "
+            f"'package.module:function', got {type(module_or_factory).__name__}"
+        )
+    module = _call_factory(factory)
+    if checkpoint is not None:
+        _load_checkpoint(module, Path(checkpoint).expanduser(), factory)
+    return module, factory, None, f"PyTorch factory {factory}"
+
+
+def _module_notes(
+    module: Any, factory: str, factory_text: str | None, checkpoint: Path | str | None
+) -> list[str]:
+    """What `add_module` decided about the module's export, weights and imports, for the summary."""
+    notes = ["the module is exported in eval mode"]
+    if checkpoint is None and factory_text is None:
+        notes.append(
+            f"no checkpoint was given: {CHECKPOINT_FILE} holds the weights the factory's module has "
+            "(freshly initialized unless the factory loads some)"
+        )
+    if factory_text is None:
+        notes.append(
+            f"the build imports {factory.partition(':')[0]}: keep it importable (installed or on PYTHONPATH)"
+        )
+    else:
+        notes.append(f"{FACTORY_FILE} rebuilds {type(module).__qualname__}(); the build imports "
+                     f"{type(module).__module__}: keep it importable")
+    return notes
 
 
 def add_module(
@@ -1611,56 +1750,17 @@ def add_module(
         ByomError: naming what is wrong.
     """
     import torch
-    from torch import nn
 
     _check_destination(name, dest_dir, force)
     _variants(variants)
-    factory_text = None
-    if isinstance(module_or_factory, nn.Module):
-        module = module_or_factory
-        if checkpoint is not None:
-            raise ByomError("checkpoint is for a factory; a module instance's own weights are saved")
-        factory_text, factory = _rebuild_factory(module, name)
-        origin = f"PyTorch module {type(module).__qualname__}"
-    else:
-        if callable(module_or_factory) and not isinstance(module_or_factory, str):
-            factory = _importable_name(module_or_factory)
-            if factory is None:
-                raise ByomError(
-                    f"factory {module_or_factory!r} cannot be imported by name from another process "
-                    "(a lambda, a nested function, or defined in __main__): define it at the top level "
-                    "of an importable module and pass 'package.module:function'"
-                )
-        elif isinstance(module_or_factory, str):
-            factory = module_or_factory
-        else:
-            raise ByomError(
-                "module_or_factory must be a torch.nn.Module, a factory function or "
-                f"'package.module:function', got {type(module_or_factory).__name__}"
-            )
-        module = _call_factory(factory)
-        if checkpoint is not None:
-            _load_checkpoint(module, Path(checkpoint).expanduser(), factory)
-        origin = f"PyTorch factory {factory}"
+    module, factory, factory_text, origin = _resolve_module(module_or_factory, checkpoint, name)
     arrays = _read_arrays(samples, "samples")
     evaluation = {k: v for k, v in arrays.items() if not k.startswith(CALIBRATION_PREFIX)}
     signature = _export_signature(
         module, evaluation, output_names=output_names, variable_dims=dict(variable_dims or {}),
         max_batch_size=max_batch_size, opset=opset,
     )
-    notes = ["the module is exported in eval mode"]
-    if checkpoint is None and factory_text is None:
-        notes.append(
-            f"no checkpoint was given: {CHECKPOINT_FILE} holds the weights the factory's module has "
-            "(freshly initialized unless the factory loads some)"
-        )
-    if factory_text is None:
-        notes.append(
-            f"the build imports {factory.partition(':')[0]}: keep it importable (installed or on PYTHONPATH)"
-        )
-    else:
-        notes.append(f"{FACTORY_FILE} rebuilds {type(module).__qualname__}(); the build imports "
-                     f"{type(module).__module__}: keep it importable")
+    notes = _module_notes(module, factory, factory_text, checkpoint)
     state = {k: v.detach().cpu() for k, v in module.state_dict().items()}
 
     def payload(folder: Path) -> list[str]:

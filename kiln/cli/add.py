@@ -155,6 +155,15 @@ def add_add_command(subparsers: argparse._SubParsersAction) -> argparse.Argument
             "the project's models/)."
         ),
     )
+    _add_model_arguments(parser)
+    _add_data_arguments(parser)
+    _add_choice_arguments(parser)
+    parser.set_defaults(func=run_add)
+    return parser
+
+
+def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """`add`'s NAME and the model it is made from (--onnx, or --factory with --checkpoint)."""
     parser.add_argument("name", metavar="NAME", help="model name, also the folder's (a Python identifier)")
     source = parser.add_argument_group("the model (one of)")
     source.add_argument("--onnx", metavar="FILE", help="an ONNX file (copied into the folder)")
@@ -168,6 +177,10 @@ def add_add_command(subparsers: argparse._SubParsersAction) -> argparse.Argument
         help="with --factory: its state_dict (torch.save(model.state_dict(), FILE)); without it, the "
         "weights the factory's module has are saved",
     )
+
+
+def _add_data_arguments(parser: argparse.ArgumentParser) -> None:
+    """`add`'s samples, destination, batch size and variants."""
     parser.add_argument(
         "--samples", metavar="NPZ", required=True,
         help="sample inputs: an .npz of arrays named after the model's inputs, items first "
@@ -195,6 +208,10 @@ def add_add_command(subparsers: argparse._SubParsersAction) -> argparse.Argument
         help="variants (of --variants) whose refusal by their gates is reported, not fatal: the others "
         "are published (e.g. int8)",
     )
+
+
+def _add_choice_arguments(parser: argparse.ArgumentParser) -> None:
+    """`add`'s declared choices (kinds, dims, INT8, output names, variable dims), description, --force."""
     parser.add_argument(
         "--kind", action="append", metavar="OUTPUT=KIND",
         help="declare what an output means instead of the inferred kind (class_scores, probabilities, "
@@ -227,5 +244,3 @@ def add_add_command(subparsers: argparse._SubParsersAction) -> argparse.Argument
         "--force", action="store_true",
         help="overwrite the files kiln add writes in an existing folder (others are left alone)",
     )
-    parser.set_defaults(func=run_add)
-    return parser
