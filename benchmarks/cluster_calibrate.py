@@ -225,100 +225,11 @@ def calibrate(work: Path, seed: int = 0) -> dict[str, Any]:
             "concurrency",
             1,
         )
-        config = first.model_config(MODEL)
-        instances = sum(int(g.get("count", 1)) for g in config.get("instance_group", [])) or 1
-        batcher = config.get("dynamic_batching")
-        out.update(
-            instances=instances,
-            max_batch_size=int(config.get("max_batch_size", 0)),
-            preferred_batch_sizes=[int(x) for x in (batcher or {}).get("preferred_batch_size", [])],
-            dynamic_batching=batcher is not None,
-        )
-        sweep, executions, samples = [], {}, None
-        for c in CONCURRENCIES:
-            before = model_stats(first.http_url)
-            extra = ["--profile-export-file", str(work / f"profile-c{c}.json")] if c == 1 else []
-            result = run_perf(
-                perf_command(first.grpc_url, input_file, "--concurrency-range", str(c), *extra),
-                "concurrency",
-                c,
-            )
-            delta = stats_delta(before, model_stats(first.http_url))
-            for size, d in delta.items():
-                acc = executions.setdefault(size, {"count": 0.0, "ns": 0.0})
-                acc["count"] += d["count"]
-                acc["ns"] += d["ns"]
-            entry = figures(result) | {"batches": {str(k): int(v["count"]) for k, v in sorted(delta.items())}}
-            sweep.append(entry)
-            log(
-                f"concurrency {c}: {result.throughput} req/s, p50 {result.p50_ms} ms, "
-                f"p99 {result.p99_ms} ms, server execution {entry['server_execution_us']} us, "
-                f"average batch {entry['average_batch']}"
-            )
-            if c == 1 and result.error is None:
-                samples = latencies_us(work / "profile-c1.json")
-        if samples is None or sweep[0]["server_execution_us"] is None:
-            raise RuntimeError(f"the concurrency-1 run has no figure: {sweep[0]['error']}")
-        service = service_samples(
-            samples,
-            float(sweep[0]["server_execution_us"]),
-            "client latency at concurrency 1, closed loop (perf_analyzer --profile-export-file), less "
-            "the overhead",
-            seed,
-        )
-        measured_mu = max((e["throughput"] or 0.0) for e in sweep)
-        fit = fit_batches(executions)
-        out.update(
-            concurrency=sweep,
-            measured_capacity=measured_mu,
-            service=service,
-            batching={
-                "max_batch": out["max_batch_size"] or 1,
-                "preferred": out["preferred_batch_sizes"],
-                **fit,
-                "source": "Triton's statistics API (batch_stats) before and after each concurrency "
-                "level, summed",
-            },
-        )
-        log(
-            f"closed loop: overhead {service['overhead_us']:.0f} us, execution mean "
-            f"{service['server_execution_mean_us']:.0f} us; batch fit {fit}"
-        )
-        rate = round(measured_mu * OPEN_LOOP_SHARE, -1)
-        profile = work / "profile-open.json"
-        command = perf_command(
-            first.grpc_url, input_file, "--request-rate-range", f"{rate:g}", "--async",
-            "--request-distribution", "poisson", "--profile-export-file", str(profile),
-            window_ms=RATE_WINDOW_MS,
-        )  # fmt: skip
-        result = run_perf(command, "rate", rate)
-        entry = figures(result)
-        if result.error is None and entry["server_execution_us"] is not None:
-            out["service_open"] = service_samples(
-                latencies_us(profile),
-                float(entry["server_execution_us"]),
-                f"client latency of Poisson arrivals at {rate:g}/s ({OPEN_LOOP_SHARE:.0%} of the measured "
-                "capacity, where requests rarely meet), less the overhead",
-                seed,
-            ) | {"run": entry}
-            log(
-                f"open loop at {rate:g}/s: overhead {out['service_open']['overhead_us']:.0f} us, execution "
-                f"mean {entry['server_execution_us']:.0f} us, p50 {result.p50_ms} ms, p99 {result.p99_ms} ms"
-            )
-        else:
-            out["notes"].append(f"the open-loop service run at {rate:g}/s has no figure: {result.error}")
-        validation = []
-        for share in VALIDATION_SHARES:
-            rate = round(measured_mu * share, -1)
-            command = perf_command(
-                first.grpc_url, input_file, "--request-rate-range", f"{rate:g}", "--async",
-                "--request-distribution", "poisson", window_ms=RATE_WINDOW_MS,
-            )  # fmt: skip
-            result = run_perf(command, "rate", rate)
-            validation.append(figures(result) | {"rate": rate, "share_of_measured_capacity": share})
-            log(f"held-out rate {rate:g}/s: p50 {result.p50_ms} ms, p99 {result.p99_ms} ms, "
-                f"sent late {result.delayed_share}")  # fmt: skip
-        out["validation"] = validation
+        out.update(_model_config(first))
+        sweep, executions, samples = _concurrency_sweep(first, input_file, work)
+        measured_mu = _closed_loop_fit(out, sweep, executions, samples, seed)
+        _open_loop_service(out, first, input_file, work, measured_mu, seed)
+        out["validation"] = _held_out_rates(first, input_file, measured_mu)
         second, load2 = start_server(work / "tritonserver-2.log")
         servers.append(second)
         log(f"server 2 ready in {load2:.2f} s; both driven at concurrency {PAIR_CONCURRENCY} each")
@@ -327,6 +238,136 @@ def calibrate(work: Path, seed: int = 0) -> dict[str, Any]:
         for server in servers:
             server.stop()
     return out
+
+
+def _model_config(server: Any) -> dict[str, Any]:
+    """The served model's instances and batcher settings, from its configuration on `server`."""
+    config = server.model_config(MODEL)
+    instances = sum(int(g.get("count", 1)) for g in config.get("instance_group", [])) or 1
+    batcher = config.get("dynamic_batching")
+    return {
+        "instances": instances,
+        "max_batch_size": int(config.get("max_batch_size", 0)),
+        "preferred_batch_sizes": [int(x) for x in (batcher or {}).get("preferred_batch_size", [])],
+        "dynamic_batching": batcher is not None,
+    }
+
+
+def _concurrency_sweep(
+    server: Any, input_file: Path, work: Path
+) -> tuple[list[dict[str, Any]], dict[int, dict[str, float]], np.ndarray | None]:
+    """The closed-loop sweep over `CONCURRENCIES`: each level's figures, the executions of each batch
+    size summed over all levels, and the concurrency-1 client latencies (None without a figure)."""
+    sweep: list[dict[str, Any]] = []
+    executions: dict[int, dict[str, float]] = {}
+    samples = None
+    for c in CONCURRENCIES:
+        before = model_stats(server.http_url)
+        extra = ["--profile-export-file", str(work / f"profile-c{c}.json")] if c == 1 else []
+        result = run_perf(
+            perf_command(server.grpc_url, input_file, "--concurrency-range", str(c), *extra),
+            "concurrency",
+            c,
+        )
+        delta = stats_delta(before, model_stats(server.http_url))
+        for size, d in delta.items():
+            acc = executions.setdefault(size, {"count": 0.0, "ns": 0.0})
+            acc["count"] += d["count"]
+            acc["ns"] += d["ns"]
+        entry = figures(result) | {"batches": {str(k): int(v["count"]) for k, v in sorted(delta.items())}}
+        sweep.append(entry)
+        log(
+            f"concurrency {c}: {result.throughput} req/s, p50 {result.p50_ms} ms, "
+            f"p99 {result.p99_ms} ms, server execution {entry['server_execution_us']} us, "
+            f"average batch {entry['average_batch']}"
+        )
+        if c == 1 and result.error is None:
+            samples = latencies_us(work / "profile-c1.json")
+    return sweep, executions, samples
+
+
+def _closed_loop_fit(
+    out: dict[str, Any],
+    sweep: list[dict[str, Any]],
+    executions: dict[int, dict[str, float]],
+    samples: np.ndarray | None,
+    seed: int,
+) -> float:
+    """Adds the sweep, the closed-loop service distribution and the batch fit to `out`; returns the
+    measured saturation capacity (the sweep's highest throughput)."""
+    if samples is None or sweep[0]["server_execution_us"] is None:
+        raise RuntimeError(f"the concurrency-1 run has no figure: {sweep[0]['error']}")
+    service = service_samples(
+        samples,
+        float(sweep[0]["server_execution_us"]),
+        "client latency at concurrency 1, closed loop (perf_analyzer --profile-export-file), less "
+        "the overhead",
+        seed,
+    )
+    measured_mu = max((e["throughput"] or 0.0) for e in sweep)
+    fit = fit_batches(executions)
+    out.update(
+        concurrency=sweep,
+        measured_capacity=measured_mu,
+        service=service,
+        batching={
+            "max_batch": out["max_batch_size"] or 1,
+            "preferred": out["preferred_batch_sizes"],
+            **fit,
+            "source": "Triton's statistics API (batch_stats) before and after each concurrency level, summed",
+        },
+    )
+    log(
+        f"closed loop: overhead {service['overhead_us']:.0f} us, execution mean "
+        f"{service['server_execution_mean_us']:.0f} us; batch fit {fit}"
+    )
+    return measured_mu
+
+
+def _open_loop_service(
+    out: dict[str, Any], server: Any, input_file: Path, work: Path, measured_mu: float, seed: int
+) -> None:
+    """Adds the open-loop service distribution at `OPEN_LOOP_SHARE` of `measured_mu` to `out` (or a
+    note when that run has no figure)."""
+    rate = round(measured_mu * OPEN_LOOP_SHARE, -1)
+    profile = work / "profile-open.json"
+    command = perf_command(
+        server.grpc_url, input_file, "--request-rate-range", f"{rate:g}", "--async",
+        "--request-distribution", "poisson", "--profile-export-file", str(profile),
+        window_ms=RATE_WINDOW_MS,
+    )  # fmt: skip
+    result = run_perf(command, "rate", rate)
+    entry = figures(result)
+    if result.error is None and entry["server_execution_us"] is not None:
+        out["service_open"] = service_samples(
+            latencies_us(profile),
+            float(entry["server_execution_us"]),
+            f"client latency of Poisson arrivals at {rate:g}/s ({OPEN_LOOP_SHARE:.0%} of the measured "
+            "capacity, where requests rarely meet), less the overhead",
+            seed,
+        ) | {"run": entry}
+        log(
+            f"open loop at {rate:g}/s: overhead {out['service_open']['overhead_us']:.0f} us, execution "
+            f"mean {entry['server_execution_us']:.0f} us, p50 {result.p50_ms} ms, p99 {result.p99_ms} ms"
+        )
+    else:
+        out["notes"].append(f"the open-loop service run at {rate:g}/s has no figure: {result.error}")
+
+
+def _held_out_rates(server: Any, input_file: Path, measured_mu: float) -> list[dict[str, Any]]:
+    """The held-out open-loop Poisson runs at `VALIDATION_SHARES` of `measured_mu`, for validation."""
+    validation = []
+    for share in VALIDATION_SHARES:
+        rate = round(measured_mu * share, -1)
+        command = perf_command(
+            server.grpc_url, input_file, "--request-rate-range", f"{rate:g}", "--async",
+            "--request-distribution", "poisson", window_ms=RATE_WINDOW_MS,
+        )  # fmt: skip
+        result = run_perf(command, "rate", rate)
+        validation.append(figures(result) | {"rate": rate, "share_of_measured_capacity": share})
+        log(f"held-out rate {rate:g}/s: p50 {result.p50_ms} ms, p99 {result.p99_ms} ms, "
+            f"sent late {result.delayed_share}")  # fmt: skip
+    return validation
 
 
 def service_samples(samples: np.ndarray, execution_us: float, source: str, seed: int) -> dict[str, Any]:

@@ -795,28 +795,9 @@ def step(
         connections=connections,
         seed=seed,
     ).run()
-    arrivals, latencies = np.asarray(sim.arrivals), np.asarray(sim.latencies)
-    bins: list[dict[str, Any]] = []
-    index = np.floor(arrivals / BIN_S).astype(int)
-    order = np.argsort(index, kind="stable")
-    starts = np.searchsorted(index[order], np.arange(int(math.ceil(duration / BIN_S)) + 1))
-    for b in range(len(starts) - 1):
-        chunk = latencies[order[starts[b] : starts[b + 1]]]
-        bins.append(
-            {
-                "t_s": b * BIN_S,
-                "requests": int(len(chunk)),
-                "p50_ms": percentile_ms(chunk, 50),
-                "p99_ms": percentile_ms(chunk, 99),
-            }
-        )
+    bins = _latency_bins(np.asarray(sim.arrivals), np.asarray(sim.latencies), duration)
     t, desired, ready = sim.timeline.t, sim.timeline.desired, sim.timeline.ready
-    before = [start_replicas, *desired]  # the replicas each sync started from
-    first_up = next(
-        (t[i] - before_s for i in range(len(t)) if t[i] > before_s and desired[i] > before[i]), None
-    )
-    ready_times = [p.ready_s for p in sim.pods if p.created_s > before_s and p.ready_s is not None]
-    new_ready = min(ready_times) - before_s if ready_times else None
+    first_up, new_ready = _scale_up_lag(sim, start_replicas, before_s)
     breaches = slo_breaches(bins, before_s, p99_ms)
     recovered = recovery(breaches, duration)
     recovered = None if recovered is None else recovered - before_s
@@ -840,6 +821,38 @@ def step(
         sim.spec_replicas,
         max(desired, default=start_replicas),
     )
+
+
+def _latency_bins(arrivals: np.ndarray, latencies: np.ndarray, duration: float) -> list[dict[str, Any]]:
+    """The requests, p50 and p99 of each `BIN_S` bin of arrivals over `duration`."""
+    bins: list[dict[str, Any]] = []
+    index = np.floor(arrivals / BIN_S).astype(int)
+    order = np.argsort(index, kind="stable")
+    starts = np.searchsorted(index[order], np.arange(int(math.ceil(duration / BIN_S)) + 1))
+    for b in range(len(starts) - 1):
+        chunk = latencies[order[starts[b] : starts[b + 1]]]
+        bins.append(
+            {
+                "t_s": b * BIN_S,
+                "requests": int(len(chunk)),
+                "p50_ms": percentile_ms(chunk, 50),
+                "p99_ms": percentile_ms(chunk, 99),
+            }
+        )
+    return bins
+
+
+def _scale_up_lag(sim: Simulation, start_replicas: int, before_s: float) -> tuple[float | None, float | None]:
+    """Seconds from the step at `before_s` to the first scale-up decided and to the first new pod
+    ready (None for either that never happened)."""
+    t, desired = sim.timeline.t, sim.timeline.desired
+    before = [start_replicas, *desired]  # the replicas each sync started from
+    first_up = next(
+        (t[i] - before_s for i in range(len(t)) if t[i] > before_s and desired[i] > before[i]), None
+    )
+    ready_times = [p.ready_s for p in sim.pods if p.created_s > before_s and p.ready_s is not None]
+    new_ready = min(ready_times) - before_s if ready_times else None
+    return first_up, new_ready
 
 
 def recovery(breaches: Sequence[tuple[float, float]], end_s: float) -> float | None:
@@ -1106,6 +1119,22 @@ def cmd_step(args: argparse.Namespace, calibration: dict[str, Any], model: Repli
     start = args.start_replicas or answer.replicas
     if start is None:
         raise SystemExit(f"no replica count holds {args.from_rate} req/s; pass --start-replicas")
+    target_ms, target_note = _step_target(args, answer)
+    hpa = _hpa_from(args, calibration, target_ms)
+    result = step(
+        model, args.from_rate, args.to_rate, hpa, start_replicas=start, before_s=args.before_s,
+        after_s=args.after_s, p99_ms=args.p99_ms, seed=args.seed, lb=args.lb, connections=args.connections,
+    )  # fmt: skip
+    lines = _step_summary(args, model, hpa, result, start, target_ms, target_note)
+    lines += _step_timeline_rows(result)
+    body = "\n".join(lines) + "\n\n(p50/p99: the requests that arrived in the 5 s before the sync.)\n"
+    print(body)
+    return {"body": body, "start_replicas": start, "hpa": asdict(hpa), "result": asdict(result)}
+
+
+def _step_target(args: argparse.Namespace, answer: ReplicasAnswer) -> tuple[float, str]:
+    """The HPA's target queue time (ms) for the step and where it comes from: `--target-queue-ms`,
+    or the mean queue time at the smallest replica count meeting the SLO at the first rate."""
     target_ms = args.target_queue_ms
     target_note = "given"
     if target_ms is None:  # the queue time the SLO's replica count runs at: the HPA then holds it
@@ -1119,12 +1148,21 @@ def cmd_step(args: argparse.Namespace, calibration: dict[str, Any], model: Repli
             f"the mean queue time at {answer.replicas} replicas and {args.from_rate:,.0f} req/s, the "
             "smallest count meeting the SLO there"
         )
-    hpa = _hpa_from(args, calibration, target_ms)
-    result = step(
-        model, args.from_rate, args.to_rate, hpa, start_replicas=start, before_s=args.before_s,
-        after_s=args.after_s, p99_ms=args.p99_ms, seed=args.seed, lb=args.lb, connections=args.connections,
-    )  # fmt: skip
-    lines = [
+    return target_ms, target_note
+
+
+def _step_summary(
+    args: argparse.Namespace,
+    model: ReplicaModel,
+    hpa: HpaConfig,
+    result: StepResult,
+    start: int,
+    target_ms: float,
+    target_note: str,
+) -> list[str]:
+    """The step report's lines before the timeline: the setup, the lags, the breaches and the
+    timeline table's header."""
+    return [
         f"Load step {args.from_rate:,.0f} -> {args.to_rate:,.0f} req/s at t = {args.before_s:g} s, "
         f"starting at {start} replicas (the smallest meeting the SLO at the first rate unless given); "
         f"HPA on avg queue time per request, target {target_ms:.3f} ms ({target_note}), "
@@ -1160,17 +1198,21 @@ def cmd_step(args: argparse.Namespace, calibration: dict[str, Any], model: Repli
         "| t s | desired | ready | metric ms (avg queue / request) | p50 ms | p99 ms |",
         "| ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
+
+
+def _step_timeline_rows(result: StepResult) -> list[str]:
+    """One table row per HPA sync: desired and ready replicas, the metric, and p50/p99 of the
+    requests that arrived in the bin before the sync."""
+    rows = []
     by_t = {round(b["t_s"]): b for b in result.bins}
     for i, t in enumerate(result.timeline["t_s"]):
         b = by_t.get(round(t - BIN_S)) or {}
-        lines.append(
+        rows.append(
             f"| {t:.0f} | {result.timeline['desired'][i]} | {result.timeline['ready'][i]} | "
             f"{_fmt(result.timeline['metric_ms'][i], 3)} | {_fmt(b.get('p50_ms'))} "
             f"| {_fmt(b.get('p99_ms'))} |"
         )
-    body = "\n".join(lines) + "\n\n(p50/p99: the requests that arrived in the 5 s before the sync.)\n"
-    print(body)
-    return {"body": body, "start_replicas": start, "hpa": asdict(hpa), "result": asdict(result)}
+    return rows
 
 
 def cmd_validate(

@@ -650,17 +650,7 @@ class GenerationBench:
         full_batch_tpot = self.results.get("full_batch_tpot_ms")
         if not capacity or not full_batch_tpot:
             raise RuntimeError("target 11 needs target 12's measured capacity and TPOT, which have no figure")
-        unloaded = served_sequential(
-            self.grpc_url,
-            GENERATE,
-            self.fits(load.plan(self.workload(1.0, s.unloaded_requests), self.paragraphs)),
-        )
-        alone = load.summarize(unloaded)
-        if alone["failed"] or alone["ttft_ms"]["p50"] is None:
-            raise RuntimeError(f"the unloaded requests failed: {alone['errors']}")
-        slo = load.GoodputSLO(
-            ttft_ms=s.ttft_scale * alone["ttft_ms"]["p50"], tpot_ms=s.tpot_scale * full_batch_tpot
-        )
+        alone, slo = self._goodput_slo(full_batch_tpot)
         rate = s.load_fraction * capacity
         requests = self.fits(load.plan(self.workload(rate, s.poisson_requests), self.paragraphs))
         self.log(
@@ -670,17 +660,7 @@ class GenerationBench:
             f"TPOT <= {slo.tpot_ms:.1f} ms "
             f"({s.tpot_scale:g} x the p50 at concurrency {s.concurrency}, {full_batch_tpot:.1f} ms)"
         )
-        runs: dict[str, list[dict[str, Any]]] = {GENERATE: [], STATIC: []}
-        for repeat in range(s.repeats):
-            for model in (GENERATE, STATIC):
-                summary = served_open(self.grpc_url, model, requests, slo)
-                runs[model].append(summary)
-                self.log(
-                    f"  [{repeat + 1}/{s.repeats}] {model}: goodput {summary['goodput'] or 0:.2f} req/s, "
-                    f"p95 TTFT {summary['ttft_ms']['p95'] or 0:.1f} ms, "
-                    f"{summary['output_tokens_per_s'] or 0:.1f} tokens/s, "
-                    f"{summary['failed']} failed"
-                )
+        runs = self._batching_runs(requests, slo)
         good = {m: median(r["goodput"] or 0.0 for r in rs) for m, rs in runs.items()}
         p95 = {m: median(r["ttft_ms"]["p95"] or float("inf") for r in rs) for m, rs in runs.items()}
         failed = sum(r["failed"] for rs in runs.values() for r in rs)
@@ -716,6 +696,42 @@ class GenerationBench:
             generator_cpu=median(r["cpu"] for r in runs[GENERATE]),
             generator="kiln generation generator (gRPC streaming, Poisson)",
         )
+
+    def _goodput_slo(self, full_batch_tpot: float) -> tuple[dict[str, Any], load.GoodputSLO]:
+        """Target 11's unloaded requests (one at a time) and the goodput SLO scaled from their TTFT
+        p50 and from `full_batch_tpot` (target 12's TPOT p50 at full batch)."""
+        s = self.settings
+        unloaded = served_sequential(
+            self.grpc_url,
+            GENERATE,
+            self.fits(load.plan(self.workload(1.0, s.unloaded_requests), self.paragraphs)),
+        )
+        alone = load.summarize(unloaded)
+        if alone["failed"] or alone["ttft_ms"]["p50"] is None:
+            raise RuntimeError(f"the unloaded requests failed: {alone['errors']}")
+        slo = load.GoodputSLO(
+            ttft_ms=s.ttft_scale * alone["ttft_ms"]["p50"], tpot_ms=s.tpot_scale * full_batch_tpot
+        )
+        return alone, slo
+
+    def _batching_runs(
+        self, requests: Sequence[load.PlannedRequest], slo: load.GoodputSLO
+    ) -> dict[str, list[dict[str, Any]]]:
+        """Target 11's open-loop runs: `requests` against continuous and static batching in turn,
+        `repeats` times; each model's summaries."""
+        s = self.settings
+        runs: dict[str, list[dict[str, Any]]] = {GENERATE: [], STATIC: []}
+        for repeat in range(s.repeats):
+            for model in (GENERATE, STATIC):
+                summary = served_open(self.grpc_url, model, requests, slo)
+                runs[model].append(summary)
+                self.log(
+                    f"  [{repeat + 1}/{s.repeats}] {model}: goodput {summary['goodput'] or 0:.2f} req/s, "
+                    f"p95 TTFT {summary['ttft_ms']['p95'] or 0:.1f} ms, "
+                    f"{summary['output_tokens_per_s'] or 0:.1f} tokens/s, "
+                    f"{summary['failed']} failed"
+                )
+        return runs
 
     # 13
     def first_token(self) -> None:
@@ -854,49 +870,10 @@ def section(details: dict[str, Any]) -> str:
         )
     served = details.get("served_in_process")
     if served:
-        lines.append(
-            f"**Served against in process (12)**, closed loop at concurrency {served['concurrency']}:\n"
-        )
-        lines += [
-            "| repeat | served tokens/s | served req/s | failed | generator CPU | in-process tokens/s | "
-            "in-process req/s | decode batch |",
-            "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
-        ]
-        for i, (s, p) in enumerate(zip(served["served"], served["in_process"], strict=False)):
-            lines.append(
-                f"| {i + 1} | {s['tokens_per_s']:.1f} | {s['requests_per_s']:.2f} | {s['failed']} | "
-                f"{s['cpu']:.0%} | "
-                f"{p['tokens_per_s']:.1f} | {p['requests_per_s']:.2f} | {p['decode_batch_mean']:.1f} |"
-            )
-        lines.append("")
+        lines += _served_lines(served)
     batching = details.get("batching")
     if batching:
-        slo = batching["slo"]
-        lines.append(
-            f"**Continuous against static batching (11)**: Poisson {batching['rate']:.2f} req/s "
-            f"({batching['load_fraction']:.0%} of the capacity "
-            f"{batching['capacity_requests_per_s']:.2f} req/s); goodput SLO TTFT <= {slo['ttft_ms']:.1f} ms "
-            f"(unloaded p50 {batching['unloaded']['ttft_ms']['p50']:.1f} ms), "
-            f"TPOT <= {slo['tpot_ms']:.1f} ms (p50 at the closed loop's full batch "
-            f"{batching['full_batch_tpot_ms']:.1f} ms; unloaded "
-            f"{_n(batching['unloaded']['tpot_ms']['p50'])} ms).\n"
-        )
-        lines += [
-            "| model | repeat | goodput req/s | req/s | tokens/s | TTFT p50 / p95 / p99 ms | "
-            "TPOT p50 / p95 ms | "
-            "ITL p50 / p95 ms | E2E p50 / p95 ms | failed |",
-            "| --- | ---: | ---: | ---: | ---: | --- | --- | --- | --- | ---: |",
-        ]
-        for model, runs in batching["runs"].items():
-            for i, r in enumerate(runs):
-                lines.append(
-                    f"| {model} | {i + 1} | {_n(r['goodput'], 2)} | {_n(r['request_throughput'], 2)} | "
-                    f"{_n(r['output_tokens_per_s'])} | {_p(r['ttft_ms'], 'p50', 'p95', 'p99')} | "
-                    f"{_p(r['tpot_ms'], 'p50', 'p95')} | {_p(r['itl_ms'], 'p50', 'p95')} | "
-                    f"{_p(r['e2e_ms'], 'p50', 'p95')} | "
-                    f"{r['failed']} |"
-                )
-        lines.append("")
+        lines += _batching_lines(batching)
     first = details.get("first_token")
     if first:
         ms = first["ms"]
@@ -909,6 +886,53 @@ def section(details: dict[str, Any]) -> str:
             f"{_p(ms['floor_unary'], 'p50', 'p95', 'p99')}.\n"
         )
     return "\n".join(lines) + "\n"
+
+
+def _served_lines(served: dict[str, Any]) -> list[str]:
+    """The section's lines for target 12: served against in process, one table row per repeat."""
+    lines = [
+        f"**Served against in process (12)**, closed loop at concurrency {served['concurrency']}:\n",
+        "| repeat | served tokens/s | served req/s | failed | generator CPU | in-process tokens/s | "
+        "in-process req/s | decode batch |",
+        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for i, (s, p) in enumerate(zip(served["served"], served["in_process"], strict=False)):
+        lines.append(
+            f"| {i + 1} | {s['tokens_per_s']:.1f} | {s['requests_per_s']:.2f} | {s['failed']} | "
+            f"{s['cpu']:.0%} | "
+            f"{p['tokens_per_s']:.1f} | {p['requests_per_s']:.2f} | {p['decode_batch_mean']:.1f} |"
+        )
+    lines.append("")
+    return lines
+
+
+def _batching_lines(batching: dict[str, Any]) -> list[str]:
+    """The section's lines for target 11: the goodput SLO, then one table row per model and repeat."""
+    slo = batching["slo"]
+    lines = [
+        f"**Continuous against static batching (11)**: Poisson {batching['rate']:.2f} req/s "
+        f"({batching['load_fraction']:.0%} of the capacity "
+        f"{batching['capacity_requests_per_s']:.2f} req/s); goodput SLO TTFT <= {slo['ttft_ms']:.1f} ms "
+        f"(unloaded p50 {batching['unloaded']['ttft_ms']['p50']:.1f} ms), "
+        f"TPOT <= {slo['tpot_ms']:.1f} ms (p50 at the closed loop's full batch "
+        f"{batching['full_batch_tpot_ms']:.1f} ms; unloaded "
+        f"{_n(batching['unloaded']['tpot_ms']['p50'])} ms).\n",
+        "| model | repeat | goodput req/s | req/s | tokens/s | TTFT p50 / p95 / p99 ms | "
+        "TPOT p50 / p95 ms | "
+        "ITL p50 / p95 ms | E2E p50 / p95 ms | failed |",
+        "| --- | ---: | ---: | ---: | ---: | --- | --- | --- | --- | ---: |",
+    ]
+    for model, runs in batching["runs"].items():
+        for i, r in enumerate(runs):
+            lines.append(
+                f"| {model} | {i + 1} | {_n(r['goodput'], 2)} | {_n(r['request_throughput'], 2)} | "
+                f"{_n(r['output_tokens_per_s'])} | {_p(r['ttft_ms'], 'p50', 'p95', 'p99')} | "
+                f"{_p(r['tpot_ms'], 'p50', 'p95')} | {_p(r['itl_ms'], 'p50', 'p95')} | "
+                f"{_p(r['e2e_ms'], 'p50', 'p95')} | "
+                f"{r['failed']} |"
+            )
+    lines.append("")
+    return lines
 
 
 def _n(value: float | None, digits: int = 1) -> str:
@@ -949,15 +973,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     """Runs targets 10-13 alone; 0 when they ran (targets may be missed), 1 when one could not."""
-    from benchmarks import report
-
     args = parse_args(argv)
-    settings = QUICK if args.quick else FULL
-    if args.repeats is not None:
-        settings = dataclasses.replace(settings, repeats=args.repeats)
-    only = {int(x) for x in args.only.split(",") if x.strip()} or set(TARGETS)
-    if not only <= set(TARGETS):
-        raise SystemExit(f"--only: targets are {min(TARGETS)}-{max(TARGETS)}, got {args.only!r}")
+    settings, only = _settings_from(args)
     commit = environment.commit()
     out = args.out or paths.ROOT / "results" / f"bench-generation-{environment.utc_stamp()}-{commit}"
     out.mkdir(parents=True, exist_ok=True)
@@ -992,10 +1009,33 @@ def main(argv: list[str] | None = None) -> int:
         "wall_s": round(time.monotonic() - started, 1),
     }
     (out / "results.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
-    text = "\n".join(
+    text = _report_markdown(results, result)
+    (out / "results.md").write_text(text)
+    print(text, flush=True)
+    log(f"done in {results['wall_s']:.0f} s; results in {out}")
+    return 1 if failed else 0
+
+
+def _settings_from(args: argparse.Namespace) -> tuple[Settings, set[int]]:
+    """The settings (`--quick`, `--repeats`) and the targets to run (`--only`) from the command line."""
+    settings = QUICK if args.quick else FULL
+    if args.repeats is not None:
+        settings = dataclasses.replace(settings, repeats=args.repeats)
+    only = {int(x) for x in args.only.split(",") if x.strip()} or set(TARGETS)
+    if not only <= set(TARGETS):
+        raise SystemExit(f"--only: targets are {min(TARGETS)}-{max(TARGETS)}, got {args.only!r}")
+    return settings, only
+
+
+def _report_markdown(results: dict[str, Any], result: dict[str, Any]) -> str:
+    """results.md: the header, the targets table, the generation section and the commands."""
+    from benchmarks import report
+
+    command, failed = results["command"], results["failed"]
+    return "\n".join(
         [
-            f"# kiln generation benchmark: {results['date_utc']}, commit {commit}\n",
-            f"- Machine: {environment.describe_machine(machine)}",
+            f"# kiln generation benchmark: {results['date_utc']}, commit {results['commit']}\n",
+            f"- Machine: {environment.describe_machine(results['machine'])}",
             f"- Command: `{command}` (total {results['wall_s']:.0f} s)",
             f"- Settings: {results['settings']}",
             "",
@@ -1013,10 +1053,6 @@ def main(argv: list[str] | None = None) -> int:
             "",
         ]
     )
-    (out / "results.md").write_text(text)
-    print(text, flush=True)
-    log(f"done in {results['wall_s']:.0f} s; results in {out}")
-    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -249,52 +249,17 @@ def main(argv: list[str] | None = None) -> int:
     requests = generation.fit_context(load.plan(workload), artifacts)
     files = aiperf_inputs(requests, out / "aiperf_inputs", artifacts / "tokenizer.json")
     stack: list[Callable[[], None]] = []
-    columns: dict[str, dict[str, Any]] = {}
-    runs: dict[str, list[dict[str, Any]]] = {AIPERF: [], KILN_HTTP: [], KILN_GRPC: []}
-    command: list[str] = []
     try:
         http_url, grpc_url = args.http_url, args.grpc_url
         if not http_url:
             server = generation.start_server(artifacts, out, log, stack)
             http_url, grpc_url = server.http_url, server.grpc_url
-        model = tensors.TEXT_GENERATOR
-        asyncio.run(load.run_open(load.GrpcStream(grpc_url, model), requests[:4]))  # warm-up
-        for repeat in range(args.repeats):
-            folder = out / f"aiperf-{repeat + 1}"
-            command = aiperf_command(aiperf, http_url, model, files, folder)
-            log(f"[{repeat + 1}/{args.repeats}] aiperf: " + " ".join(command))
-            started = time.monotonic()
-            completed = subprocess.run(command, capture_output=True, text=True, timeout=AIPERF_TIMEOUT_S)
-            (folder.parent / f"aiperf-{repeat + 1}.log").write_text(completed.stdout + completed.stderr)
-            if completed.returncode != 0:
-                raise RuntimeError(f"aiperf exited with {completed.returncode}; see {folder}.log")
-            log(f"[{repeat + 1}/{args.repeats}] aiperf done in {time.monotonic() - started:.0f} s")
-            runs[AIPERF].append(aiperf_figures(folder))
-            log(f"[{repeat + 1}/{args.repeats}] kiln generator, HTTP SSE")
-            runs[KILN_HTTP].append(kiln_figures(load.HttpSse(http_url, model), requests))
-            log(f"[{repeat + 1}/{args.repeats}] kiln generator, gRPC streaming")
-            runs[KILN_GRPC].append(kiln_figures(load.GrpcStream(grpc_url, model), requests))
+        runs, command = _interleaved_runs(aiperf, http_url, grpc_url, requests, files, out, args.repeats, log)
         columns = {name: median_figures(found) for name, found in runs.items()}
     finally:
         for stop in reversed(stack):
             stop()
-    machine = environment.machine_info()
-    text = "\n".join(
-        [
-            f"# Generation cross-check: aiperf against kiln's generator, {environment.utc_stamp()}, "
-            f"commit {commit}\n",
-            f"- Machine: {environment.describe_machine(machine)}",
-            f"- Workload: {workload} ({len(requests)} requests, the same prompts, max_tokens and arrival "
-            "times for all three)",
-            f"- Model: {artifacts}",
-            f"- Repeats: {args.repeats}, interleaved (aiperf, kiln over HTTP, kiln over gRPC, then again); "
-            "each figure is the median of the repeats",
-            f"- aiperf: `{' '.join(command)}`",
-            "",
-            table(columns),
-            "",
-        ]
-    )
+    text = _report_markdown(commit, workload, len(requests), artifacts, args.repeats, command, columns)
     (out / "results.md").write_text(text)
     (out / "results.json").write_text(
         json.dumps({"workload": str(workload), "columns": columns, "runs": runs}, indent=2) + "\n"
@@ -302,6 +267,69 @@ def main(argv: list[str] | None = None) -> int:
     print(text, flush=True)
     log(f"results in {out}")
     return 0
+
+
+def _interleaved_runs(
+    aiperf: str,
+    http_url: str,
+    grpc_url: str,
+    requests: list[load.PlannedRequest],
+    files: dict[str, Path],
+    out: Path,
+    repeats: int,
+    log: Callable[[str], None],
+) -> tuple[dict[str, list[dict[str, Any]]], list[str]]:
+    """After a warm-up, `repeats` rounds of aiperf, kiln over HTTP SSE and kiln over gRPC on the same
+    requests; each tool's figures per round, and the last aiperf command line."""
+    runs: dict[str, list[dict[str, Any]]] = {AIPERF: [], KILN_HTTP: [], KILN_GRPC: []}
+    command: list[str] = []
+    model = tensors.TEXT_GENERATOR
+    asyncio.run(load.run_open(load.GrpcStream(grpc_url, model), requests[:4]))  # warm-up
+    for repeat in range(repeats):
+        folder = out / f"aiperf-{repeat + 1}"
+        command = aiperf_command(aiperf, http_url, model, files, folder)
+        log(f"[{repeat + 1}/{repeats}] aiperf: " + " ".join(command))
+        started = time.monotonic()
+        completed = subprocess.run(command, capture_output=True, text=True, timeout=AIPERF_TIMEOUT_S)
+        (folder.parent / f"aiperf-{repeat + 1}.log").write_text(completed.stdout + completed.stderr)
+        if completed.returncode != 0:
+            raise RuntimeError(f"aiperf exited with {completed.returncode}; see {folder}.log")
+        log(f"[{repeat + 1}/{repeats}] aiperf done in {time.monotonic() - started:.0f} s")
+        runs[AIPERF].append(aiperf_figures(folder))
+        log(f"[{repeat + 1}/{repeats}] kiln generator, HTTP SSE")
+        runs[KILN_HTTP].append(kiln_figures(load.HttpSse(http_url, model), requests))
+        log(f"[{repeat + 1}/{repeats}] kiln generator, gRPC streaming")
+        runs[KILN_GRPC].append(kiln_figures(load.GrpcStream(grpc_url, model), requests))
+    return runs, command
+
+
+def _report_markdown(
+    commit: str,
+    workload: load.Workload,
+    count: int,
+    artifacts: Path,
+    repeats: int,
+    command: list[str],
+    columns: dict[str, dict[str, Any]],
+) -> str:
+    """results.md: the machine, the workload, the aiperf command and the comparison table."""
+    machine = environment.machine_info()
+    return "\n".join(
+        [
+            f"# Generation cross-check: aiperf against kiln's generator, {environment.utc_stamp()}, "
+            f"commit {commit}\n",
+            f"- Machine: {environment.describe_machine(machine)}",
+            f"- Workload: {workload} ({count} requests, the same prompts, max_tokens and arrival "
+            "times for all three)",
+            f"- Model: {artifacts}",
+            f"- Repeats: {repeats}, interleaved (aiperf, kiln over HTTP, kiln over gRPC, then again); "
+            "each figure is the median of the repeats",
+            f"- aiperf: `{' '.join(command)}`",
+            "",
+            table(columns),
+            "",
+        ]
+    )
 
 
 if __name__ == "__main__":
