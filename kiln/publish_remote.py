@@ -33,7 +33,6 @@ needs boto3 and read access where tritonserver runs.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import os
 import re
 import time
@@ -43,6 +42,7 @@ from pathlib import Path
 from typing import Any, TextIO
 from urllib.parse import urlsplit
 
+from kiln.build.publish import sha256_file
 from kiln.repository import CONFIG_NAME, KEEP_FILE
 from kiln.server.process import REMOTE_REPOSITORY_SCHEMES
 from kiln.spec import FUSED_BACKEND
@@ -58,7 +58,6 @@ UNSUPPORTED_HINTS = {
 }
 HASH_METADATA = "kiln-sha256"
 """User metadata key holding the sha256 of an object's bytes (x-amz-meta-kiln-sha256)."""
-HASH_CHUNK = 1 << 20
 DEPENDENCY_PARAM = re.compile(r"^(?:model|[a-z0-9]+(?:_[a-z0-9]+)*_model)$")
 """Parameters naming another repository model whose files a step reads (stats_model,
 threshold_model, tokenizer_model, kiln_generate's model)."""
@@ -516,15 +515,6 @@ def scan_configs(repository: Path) -> dict[str, str | None]:
         config = folder / CONFIG_NAME
         configs[folder.name] = config.read_text() if config.is_file() else None
     return configs
-
-
-def sha256_file(path: Path) -> str:
-    """Hex sha256 of a file's bytes."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(HASH_CHUNK), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def is_published_file(relative: Path) -> bool:
