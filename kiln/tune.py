@@ -593,7 +593,7 @@ def request_inputs(target: Target, grpc_url: str) -> tuple[Requests, str]:
         if corpus is None:
             continue
         steps = dataclasses.replace(pipeline, form="ensemble")
-        requests = step_tensors(grpc_url, steps, corpus, STEP_INPUT_ITEMS)[step]
+        requests = step_tensors(grpc_url, steps, corpus.items[:STEP_INPUT_ITEMS])[step]
         requests = requests[: step_items_kept(requests)]
         return requests, (
             f"the tensors {pipeline.name}'s load-test mix feeds its step {step} ({len(requests)} requests, "
