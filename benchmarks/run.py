@@ -114,11 +114,11 @@ CAPACITY_MIN_DELIVERED = 0.97
 """A rate is held only when at least this share of it completed (no silent backlog)."""
 BASELINE_STARTUP_S = 180.0
 STEP_INPUT_ITEMS = 256
-"""Target 5 sends a pipeline and its steps alone the same requests: the mix's first
-STEP_INPUT_ITEMS (every shipped mix whole: fraud's 200 records, digits' 64, text's 18, the 10
-images), to the pipeline as they are and to each step as the tensors it receives for them. (Until
-2026-12-04 the steps got the first 12 only: for text_embedder the 12 shortest texts, against the
-pipeline's whole mix with its two 128-token texts, 2.3x the encoder's time per text.)"""
+"""A step measured alone (target 5, `kiln tune`) gets the tensors its pipeline's steps receive for
+the mix's first STEP_INPUT_ITEMS requests (every shipped mix whole: fraud's 200 records, digits'
+64, text's 18, the 10 images); target 5 sends the pipeline those same requests. (Until 2026-12-04
+the steps got the first 12 only: for text_embedder the 12 shortest texts, against the pipeline's
+whole mix with its two 128-token texts, 2.3x the encoder's time per text.)"""
 STEP_INPUT_ELEMENTS = 500_000
 STEP_INPUT_MIN_ITEMS = 2
 """A step's input file keeps at most this many tensor elements (at least 2 requests): resnet50's
@@ -841,11 +841,16 @@ class Bench:
         assert self.main is not None
         spec = checks.served(name)
         c = self.settings.ensemble_concurrency.get(name, 16)
-        items = target5_items(self.corpus(name))
+        corpus = self.corpus(name)
+        items = step_input_items(corpus)
         step_requests = step_tensors(self.main.grpc_url, spec, items)
         slow = name.startswith("image_classifier")
-        whole_file = perf.input_file(
-            [item.inputs for item in items], self.out / "perf_inputs" / f"{name}--target5.json"
+        whole_file = (
+            self.input_file(name)  # the whole mix: every shipped one fits STEP_INPUT_ITEMS
+            if len(items) == len(corpus.items)
+            else perf.input_file(
+                [item.inputs for item in items], self.out / "perf_inputs" / f"{name}--target5.json"
+            )
         )
         whole = self.pa(5, f"5/pa-{name}-c{c}", name, whole_file, concurrency=c, slow=slow)
         alone = {}
@@ -1358,9 +1363,9 @@ def main_models(other_forms: Sequence[Any]) -> list[str]:
     return list(dict.fromkeys(names))
 
 
-def target5_items(corpus: inputs.Corpus) -> list[inputs.Item]:
-    """The requests target 5 measures a pipeline on, and (as the tensors each step receives for
-    them) its steps alone: the same requests on both sides (`STEP_INPUT_ITEMS`)."""
+def step_input_items(corpus: inputs.Corpus) -> list[inputs.Item]:
+    """The requests of a pipeline's mix whose tensors its steps are measured alone on (target 5,
+    `kiln tune`), and target 5's pipeline on: the same requests on both sides (`STEP_INPUT_ITEMS`)."""
     return list(corpus.items[:STEP_INPUT_ITEMS])
 
 

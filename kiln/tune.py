@@ -64,8 +64,6 @@ DEFAULT_REPEATS = 3
 DEFAULT_WINDOW_MS = 500
 ANSWER_CHECK_ITEMS = 4
 """Requests of the mix each candidate must answer exactly as the first one (one at a time)."""
-STEP_INPUT_ITEMS = 12
-"""Requests of a pipeline's mix sent through its steps to get a step model's inputs."""
 PERF_MAX_TRIALS = 6
 """perf_analyzer's windows per measurement at most, until three agree (`benchmarks.perf.run`)."""
 
@@ -586,14 +584,14 @@ def request_inputs(target: Target, grpc_url: str) -> tuple[Requests, str]:
     if corpus is not None and corpus.items and all(set(i.inputs) <= names for i in corpus.items):
         where = f"the load-test mix of {target.name} ({len(corpus.items)} requests)"
         return [dict(i.inputs) for i in corpus.items], where
-    from benchmarks.run import step_items_kept, step_tensors
+    from benchmarks.run import step_input_items, step_items_kept, step_tensors
 
     for pipeline, step in feeding_pipelines(target):
         corpus = _corpus(pipeline.name)
         if corpus is None:
             continue
         steps = dataclasses.replace(pipeline, form="ensemble")
-        requests = step_tensors(grpc_url, steps, corpus.items[:STEP_INPUT_ITEMS])[step]
+        requests = step_tensors(grpc_url, steps, step_input_items(corpus))[step]
         requests = requests[: step_items_kept(requests)]
         return requests, (
             f"the tensors {pipeline.name}'s load-test mix feeds its step {step} ({len(requests)} requests, "

@@ -204,7 +204,7 @@ def test_target_5_measures_a_pipeline_and_its_steps_on_the_whole_mix(pipeline: s
     from loadtests import inputs
 
     corpus = inputs.build(pipeline, reference=False)
-    items = bench_run.target5_items(corpus)
+    items = bench_run.step_input_items(corpus)
     assert [item.name for item in items] == [item.name for item in corpus.items]
 
 
