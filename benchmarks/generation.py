@@ -1021,10 +1021,9 @@ def _settings_from(args: argparse.Namespace) -> tuple[Settings, set[int]]:
     settings = QUICK if args.quick else FULL
     if args.repeats is not None:
         settings = dataclasses.replace(settings, repeats=args.repeats)
-    only = {int(x) for x in args.only.split(",") if x.strip()} or set(TARGETS)
-    if not only <= set(TARGETS):
-        raise SystemExit(f"--only: targets are {min(TARGETS)}-{max(TARGETS)}, got {args.only!r}")
-    return settings, only
+    from benchmarks import report
+
+    return settings, report.parse_only(args.only, TARGETS)
 
 
 def _report_markdown(results: dict[str, Any], result: dict[str, Any]) -> str:

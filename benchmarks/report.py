@@ -10,12 +10,25 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
 from loadtests import environment
 
 PLOTS = ("throughput_vs_concurrency.png", "latency_percentiles.png", "capacity.png")
+
+
+def parse_only(text: str, targets: Collection[int]) -> set[int]:
+    """`--only`'s comma-separated target numbers (every one of `targets` when empty).
+
+    Raises:
+        SystemExit: a number that is not one of `targets`, naming their range and the text given.
+    """
+    only = {int(x) for x in text.split(",") if x.strip()} or set(targets)
+    if not only <= set(targets):
+        raise SystemExit(f"--only: targets are {min(targets)}-{max(targets)}, got {text!r}")
+    return only
 
 
 def _num(value: Any, digits: int = 1) -> str:

@@ -1615,10 +1615,7 @@ def main(argv: list[str] | None = None) -> int:
     machine = environment.machine_info()
     bench.log(environment.describe_machine(machine))
     started = time.monotonic()
-    only = {int(x) for x in args.only.split(",") if x.strip()} or set(TARGETS)
-    if not only <= set(TARGETS):
-        raise SystemExit(f"--only: targets are {min(TARGETS)}-{max(TARGETS)}, got {args.only!r}")
-    failed = run_comparisons(bench, only)
+    failed = run_comparisons(bench, report.parse_only(args.only, TARGETS))
     add_floor_ratios(list(bench.cells.values()), bench.perf)
     fill_target_floor_ratios(bench.targets, list(bench.cells.values()), bench.perf)
     results = {

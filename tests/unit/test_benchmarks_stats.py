@@ -197,6 +197,14 @@ def test_a_step_input_file_keeps_at_most_the_element_budget(elements: int, count
     assert bench_run.step_items_kept(requests) == kept
 
 
+def test_only_parses_target_numbers_and_refuses_unknown_ones() -> None:
+    targets = {1: "a", 2: "b", 10: "c"}
+    assert report.parse_only("", targets) == {1, 2, 10}
+    assert report.parse_only("2, 10,", targets) == {2, 10}
+    with pytest.raises(SystemExit, match=r"--only: targets are 1-10, got '3'"):
+        report.parse_only("3", targets)
+
+
 @pytest.mark.parametrize("pipeline", ["text_embedder", "fraud_scorer"])
 def test_target_5_measures_a_pipeline_and_its_steps_on_the_whole_mix(pipeline: str) -> None:
     """The pipeline and its steps alone get the same requests, and all of the mix: the text mix's
